@@ -1,0 +1,91 @@
+"""One mechanism for strategies to reach inside any backbone: named features, the head, BN layers.
+
+A *tap point* maps an alias to a module name (as in ``model.named_modules()``):
+
+- ``bottleneck``: the *output* of that module is recorded (deepest encoder feature);
+- ``head``: the final classifier; the *input* of that module is recorded as ``decoder``
+  (the last decoder feature map) and the module itself can be cloned or replaced.
+
+Zoo models carry ``model.tap_points``; user models pass the names explicitly.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..registry import did_you_mean
+
+
+def resolve_tap_points(model: nn.Module, points: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Tap points of ``model``: explicit ``points`` win over ``model.tap_points``; names are checked."""
+    found = dict(getattr(model, "tap_points", {}) or {})
+    found.update(points or {})
+    names = dict(model.named_modules())
+    for alias, name in found.items():
+        if name not in names:
+            raise KeyError(
+                f"tap point '{alias}' names module '{name}', which {type(model).__name__} does not have."
+                f"{did_you_mean(name, names)}"
+            )
+    return found
+
+
+class FeatureTap:
+    """Records named intermediate tensors of a model during its forward pass (forward hooks).
+
+    >>> with FeatureTap(model) as tap:
+    ...     logits = model(x)
+    ...     z = tap["bottleneck"]; f = tap["decoder"]
+    """
+
+    def __init__(self, model: nn.Module, points: Mapping[str, str] | None = None, detach: bool = False):
+        self.model = model
+        self.points = resolve_tap_points(model, points)
+        self.detach = detach
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _store(self, alias: str, value):
+        if isinstance(value, (tuple, list)):
+            value = value[0]
+        self.features[alias] = value.detach() if self.detach else value
+
+    def __enter__(self) -> "FeatureTap":
+        for alias, name in self.points.items():
+            module = self.model.get_submodule(name)
+            if alias == "head":
+                self._handles.append(module.register_forward_pre_hook(lambda m, args: self._store("decoder", args)))
+            else:
+                self._handles.append(module.register_forward_hook(lambda m, a, out, al=alias: self._store(al, out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __getitem__(self, alias: str) -> torch.Tensor:
+        if alias not in self.features:
+            raise KeyError(f"no feature '{alias}' recorded; recorded: {sorted(self.features)} (tap points {self.points})")
+        return self.features[alias]
+
+
+def get_head(model: nn.Module, points: Mapping[str, str] | None = None) -> nn.Module:
+    """The output head of ``model`` (tap point ``head``)."""
+    pts = resolve_tap_points(model, points)
+    if "head" not in pts:
+        raise KeyError(f"{type(model).__name__} declares no 'head' tap point; pass points={{'head': '<module name>'}}")
+    return model.get_submodule(pts["head"])
+
+
+def set_head(model: nn.Module, new_head: nn.Module, points: Mapping[str, str] | None = None) -> None:
+    """Replace the output head of ``model`` in place (e.g. with a multi-head ensemble)."""
+    model.set_submodule(resolve_tap_points(model, points)["head"], new_head)
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """All batch-norm layers of ``model`` as (name, module)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]

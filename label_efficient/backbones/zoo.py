@@ -1,0 +1,162 @@
+"""Backbone zoo: MONAI networks (and ours) as plain ``nn.Module`` segmenters with tap points.
+
+Every zoo model is ``SegmentationNet(body, head)``: ``body`` maps the image to a full-resolution
+feature map, ``head`` is a 1×1 convolution to class logits. This uniform split is what lets
+strategies clone or perturb the head (UPL-SFDA) and read decoder features (contrastive, OOD).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
+
+
+class SegmentationNet(nn.Module):
+    """``head(body(x))`` with declared tap points and the stride the input must be divisible by."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, bottleneck: str, stride: int):
+        super().__init__()
+        self.spatial_dims = 2 if isinstance(head, nn.Conv2d) else 3
+        self.body = body
+        self.head = head
+        self.stride = stride
+        self.tap_points = {"bottleneck": f"body.{bottleneck}" if bottleneck else "body", "head": "head"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"a {self.spatial_dims}D network got a tensor of shape {tuple(x.shape)}; expected "
+                f"(N, C, {', '.join('DHW'[3 - self.spatial_dims:])}). Build the backbone with spatial_dims={x.ndim - 2}"
+                " for this data"
+            )
+        bad = [s for s in x.shape[2:] if s % self.stride]
+        if bad:
+            raise ValueError(
+                f"input spatial size {tuple(x.shape[2:])} is not divisible by the network stride {self.stride}; "
+                "pad it (label_efficient.evaluation.pad_to_multiple) or resize it"
+            )
+        out = self.body(x)
+        if isinstance(out, (list, tuple)):  # e.g. UNet++ returns a list of outputs
+            out = out[-1]
+        return self.head(out)
+
+
+def _conv1x1(spatial_dims: int, cin: int, cout: int) -> nn.Module:
+    return (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(cin, cout, kernel_size=1)
+
+
+def _deepest_skip(module: nn.Module, prefix: str = "") -> str:
+    """Name of the innermost block of a MONAI ``UNet``/``AttentionUnet`` (its bottleneck)."""
+    from monai.networks.layers.simplelayers import SkipConnection
+
+    best = ""
+    for name, m in module.named_modules():
+        if isinstance(m, SkipConnection) and len(name) > len(best):
+            best = name
+    return f"{best}.submodule" if best else ""
+
+
+@BACKBONES.register("unet")
+def unet(spatial_dims, in_channels, num_classes, channels: Sequence[int] = (16, 32, 64, 128, 256),
+         num_res_units: int = 0, norm: str = "batch", dropout: float = 0.0, **kw) -> nn.Module:
+    """MONAI ``UNet`` (Ronneberger 2015 / Kerfoot 2018). ``num_res_units=0`` is 2.5× faster on CPU."""
+    from monai.networks.nets import UNet
+
+    body = UNet(spatial_dims, in_channels, channels[0], channels=tuple(channels), strides=(2,) * (len(channels) - 1),
+                num_res_units=num_res_units, norm=norm, dropout=dropout, **kw)
+    return SegmentationNet(body, _conv1x1(spatial_dims, channels[0], num_classes), _deepest_skip(body),
+                           2 ** (len(channels) - 1))
+
+
+@BACKBONES.register("unet++")
+def unet_plus_plus(spatial_dims, in_channels, num_classes, features: Sequence[int] = (16, 32, 64, 128, 256, 16),
+                   norm: str = "batch", dropout: float = 0.0, **kw) -> nn.Module:
+    """MONAI ``BasicUNetPlusPlus`` (Zhou et al. 2018), last output."""
+    from monai.networks.nets import BasicUNetPlusPlus
+
+    body = BasicUNetPlusPlus(spatial_dims, in_channels, features[-1], features=tuple(features),
+                             norm=norm, dropout=dropout, **kw)
+    return SegmentationNet(body, _conv1x1(spatial_dims, features[-1], num_classes), "conv_4_0", 16)
+
+
+@BACKBONES.register("attention_unet")
+def attention_unet(spatial_dims, in_channels, num_classes, channels: Sequence[int] = (16, 32, 64, 128, 256),
+                   dropout: float = 0.0, **kw) -> nn.Module:
+    """MONAI ``AttentionUnet`` (Oktay et al. 2018); batch norm."""
+    from monai.networks.nets import AttentionUnet
+
+    body = AttentionUnet(spatial_dims, in_channels, channels[0], channels=tuple(channels),
+                         strides=(2,) * (len(channels) - 1), dropout=dropout, **kw)
+    bottleneck = max((n for n, _ in body.named_modules() if n.endswith(".submodule")), key=len, default="")
+    return SegmentationNet(body, _conv1x1(spatial_dims, channels[0], num_classes), bottleneck,
+                           2 ** (len(channels) - 1))
+
+
+@BACKBONES.register("segresnet")
+def segresnet(spatial_dims, in_channels, num_classes, init_filters: int = 16, norm: str = "batch", **kw) -> nn.Module:
+    """MONAI ``SegResNet`` (Myronenko 2018); batch norm by default so BN adaptation applies."""
+    from monai.networks.nets import SegResNet
+
+    body = SegResNet(spatial_dims, init_filters, in_channels, init_filters, norm=norm, **kw)
+    depth = len(body.down_layers) - 1
+    return SegmentationNet(body, _conv1x1(spatial_dims, init_filters, num_classes), f"down_layers.{depth}", 2 ** depth)
+
+
+@BACKBONES.register("swin_unetr")
+def swin_unetr(spatial_dims, in_channels, num_classes, feature_size: int = 12, **kw) -> nn.Module:
+    """MONAI ``SwinUNETR`` (Hatamizadeh et al. 2022), trained from scratch (no hub weights)."""
+    from monai.networks.nets import SwinUNETR
+
+    body = SwinUNETR(in_channels=in_channels, out_channels=feature_size, feature_size=feature_size,
+                     spatial_dims=spatial_dims, **kw)
+    return SegmentationNet(body, _conv1x1(spatial_dims, feature_size, num_classes), "encoder10", 32)
+
+
+@BACKBONES.register("resunet++")
+def resunet_plus_plus(spatial_dims, in_channels, num_classes, **kw) -> nn.Module:
+    """ResUNet++ (Jha et al. 2019): residual blocks, squeeze-excitation, ASPP, attention. Ours."""
+    from .resunetpp import ResUNetPlusPlus
+
+    net = ResUNetPlusPlus(spatial_dims, in_channels, num_classes, **kw)
+    net.tap_points = {"bottleneck": "bottleneck", "head": "head"}
+    net.stride = 2 ** (len(kw.get("features", (16, 32, 64, 128, 256))) - 1)
+    return net
+
+
+def _import(path: str) -> Any:
+    module, _, attr = path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise KeyError(f"cannot import backbone '{path}': {e}") from e
+
+
+def build_backbone(name: str | nn.Module, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
+                   tap_points: dict[str, str] | None = None, **kwargs) -> nn.Module:
+    """Build a zoo backbone by name, import a user class by dotted path, or accept an ``nn.Module``.
+
+    A dotted path (``my_pkg.nets:MyNet`` or ``my_pkg.nets.MyNet``) is called with
+    ``spatial_dims, in_channels, num_classes`` only if it accepts them, else with ``**kwargs`` alone.
+    ``tap_points`` names the modules of a user model (``{"head": ..., "bottleneck": ...}``).
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if isinstance(name, nn.Module):
+        model = name
+    elif "." in name or ":" in name:
+        cls = _import(name)
+        try:
+            model = cls(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=num_classes, **kwargs)
+        except TypeError:
+            model = cls(**kwargs)
+    else:
+        model = BACKBONES.get(name)(spatial_dims, in_channels, num_classes, **kwargs)
+    if tap_points:
+        model.tap_points = {**getattr(model, "tap_points", {}), **tap_points}
+    return model

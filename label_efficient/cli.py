@@ -1,0 +1,100 @@
+"""Command line: ``label-efficient run|evaluate|predict|list``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _cmd_run(args) -> int:
+    from .recipe import load_recipe
+    from .runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = args.out or str(Path("outputs") / recipe.name)
+    metrics = run_recipe(recipe, out, resume=args.resume)
+    print(json.dumps({"out": out, "mean_dice": metrics["mean_dice"], "mean_hd95": metrics.get("mean_hd95")}))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluation import evaluate
+    from .recipe import load_recipe
+    from .runner import DataContext, load_bundle
+    from .utils import atomic_write_json
+
+    recipe = load_recipe(args.recipe, args.set)
+    model, blob = load_bundle(args.model)
+    ctx = DataContext.build(recipe.stage_data(len(recipe.stages) - 1), recipe.seed)
+    vols = ctx.volumes(args.split, None)
+    metrics = evaluate(model, vols, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
+                       recipe.evaluation.metrics, roi_size=ctx.cfg.patch_size)
+    metrics = {"mean_dice": metrics["mean_dice"], **metrics, "split": args.split, "model": str(args.model)}
+    if args.output:
+        atomic_write_json(args.output, metrics)
+    print(json.dumps({k: v for k, v in metrics.items() if k.startswith("mean_")}))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .predict import predict_path
+
+    n = predict_path(args.model, args.input, args.output)
+    print(f"wrote {n} mask(s) to {args.output}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .backbones import BACKBONES
+    from .data import DATASETS
+    from .strategies import STRATEGIES
+
+    for title, reg in (("strategies", STRATEGIES), ("backbones", BACKBONES), ("datasets", DATASETS)):
+        print(f"{title}:")
+        for name in reg.names():
+            obj = reg.get(name)
+            doc = (obj.__doc__ or "").strip().splitlines()
+            print(f"  {name:<18} {doc[0] if doc else ''}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="label-efficient", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a recipe (all stages, then the test evaluation)")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--out", help="output folder (default outputs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("evaluate", help="score a model.pt on a split of the recipe's data")
+    p.add_argument("recipe")
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--output", help="write metrics JSON here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("predict", help="segment an image folder or NIfTI file/folder with a model.pt")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_predict)
+    p = sub.add_parser("list", help="list strategies, backbones and datasets")
+    p.set_defaults(func=_cmd_list)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

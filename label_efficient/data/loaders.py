@@ -1,0 +1,143 @@
+"""Training streams and evaluation volumes.
+
+Training data is a sequence of *steps*. Item ``(epoch, i)`` is one combined batch
+``{"labeled": {"image", "label"}, "unlabeled": {"image"}}``; which samples and which augmentation
+it holds depend only on (seed, epoch, i), so a run resumed at an epoch boundary sees the same data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..utils import worker_init
+from .datasets import Case
+from .readers import DataError
+from .store import CaseStore
+from .transforms import Augment2D, Augment3D
+
+
+@dataclass
+class Stream:
+    """A sampled stream of cases; ``with_label=False`` streams never read or return masks."""
+
+    cases: Sequence[Case]
+    batch_size: int
+    with_label: bool
+
+    def __post_init__(self):
+        if not self.cases:
+            raise DataError(f"an empty {'labelled' if self.with_label else 'unlabelled'} stream cannot be sampled")
+        if self.batch_size < 1:
+            raise DataError(f"batch size must be ≥ 1, got {self.batch_size}")
+
+
+def _mix(*ints: int) -> int:
+    return int(np.random.SeedSequence([i % 2**32 for i in ints]).generate_state(1)[0])
+
+
+class StepBatches(Dataset):
+    def __init__(self, store: CaseStore, streams: Mapping[str, Stream], steps_per_epoch: int, seed: int = 0,
+                 augment: bool = True, patch_size: Sequence[int] | None = None):
+        self.store, self.streams, self.steps_per_epoch, self.seed = store, dict(streams), steps_per_epoch, seed
+        spec = store.spec
+        if spec.spatial_dims == 3:
+            if patch_size is None:
+                raise DataError(f"dataset '{spec.name}' is 3D: set data.patch_size (e.g. [96, 96, 64])")
+            self.augment = Augment3D(patch_size, enabled=augment)
+        else:
+            self.augment = Augment2D(enabled=augment)
+        for s in self.streams.values():
+            s.cases = store.load(s.cases, s.with_label)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _index(self, stream_id: int, stream: Stream, position: int) -> int:
+        n = len(stream.cases)
+        block, offset = divmod(position, n)
+        return int(np.random.default_rng(_mix(self.seed, stream_id, block)).permutation(n)[offset])
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, i = key
+        step = epoch * self.steps_per_epoch + i
+        out = {}
+        for sid, (name, stream) in enumerate(sorted(self.streams.items())):
+            images, labels = [], []
+            for j in range(stream.batch_size):
+                case = stream.cases[self._index(sid, stream, step * stream.batch_size + j)]
+                item = self.store.get(case, stream.with_label)
+                img, lab = self.augment(item.image, item.label if stream.with_label else None, _mix(self.seed, sid, step, j))
+                images.append(torch.from_numpy(img))
+                if stream.with_label:
+                    labels.append(torch.from_numpy(np.ascontiguousarray(lab)))
+            out[name] = {"image": torch.stack(images)}
+            if stream.with_label:
+                out[name]["label"] = torch.stack(labels).long()
+        return out
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, i)``; Lightning calls ``set_epoch`` at every epoch start."""
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch, self.epoch = steps_per_epoch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in range(self.steps_per_epoch))
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+
+def train_loader(batches: StepBatches, num_workers: int = 0) -> DataLoader:
+    return DataLoader(batches, sampler=EpochSampler(batches.steps_per_epoch), batch_size=None,
+                      num_workers=num_workers, worker_init_fn=worker_init, persistent_workers=False)
+
+
+@dataclass
+class EvalVolume:
+    """One evaluation case: network-ready input and the label at the file's own resolution.
+
+    2D: ``image`` is (Z, C, H, W) of the volume's slices at training size; ``label`` is (Z, H0, W0).
+    3D: ``image`` is (1, C, X, Y, Z); ``label`` is (X, Y, Z).
+    """
+
+    id: str
+    image: torch.Tensor
+    label: np.ndarray | None
+    cases: list[Case]
+    size: tuple[int, ...]  # spatial size of one slice (2D) or of the volume (3D) in the file
+
+
+def eval_volumes(store: CaseStore, cases: Sequence[Case], with_label: bool = True) -> list[EvalVolume]:
+    """Group cases into evaluation volumes (2D slices stacked in order of ``index``)."""
+    cases = store.load(cases, with_label)
+    by_volume: dict[str, list[Case]] = {}
+    for c in cases:
+        by_volume.setdefault(c.volume, []).append(c)
+    out = []
+    for vid, cs in by_volume.items():
+        cs = sorted(cs, key=lambda c: c.index)
+        items = [store.get(c, with_label) for c in cs]
+        if store.spec.spatial_dims == 2:
+            image = torch.from_numpy(np.stack([it.image for it in items]))
+            shapes = {it.original_size for it in items}
+            if len(shapes) > 1:
+                raise DataError(f"volume {vid}: slices have different sizes {sorted(shapes)}")
+            label = np.stack([it.original_label for it in items]) if with_label else None
+        else:
+            image = torch.from_numpy(items[0].image)[None]
+            label = items[0].original_label if with_label else None
+        out.append(EvalVolume(vid, image, label, cs, items[0].original_size))
+    return out
+
+
+def volume_loader(volumes: list[EvalVolume]) -> DataLoader:
+    return DataLoader(volumes, batch_size=None, collate_fn=lambda v: v, shuffle=False)

@@ -1,0 +1,89 @@
+"""Readers for 2D image files, 3D NIfTI (MONAI) and HDF5, with validation that names the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and what is wrong."""
+
+
+class CorruptFileError(DataError):
+    pass
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def read_image_2d(path: str | Path, in_channels: int = 1) -> np.ndarray:
+    """Read a 2D grey or RGB image as float32 (C, H, W) in [0, 1] (8-bit) or raw range (16-bit / float TIFF)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if in_channels == 1:
+                im = im.convert("L") if im.mode not in ("L", "I;16", "I", "F") else im
+            elif in_channels == 3:
+                im = im.convert("RGB")
+            else:
+                raise DataError(f"{path}: in_channels must be 1 or 3 for 2D images, got {in_channels}")
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise CorruptFileError(f"cannot read image {path}: {e}") from e
+    arr = arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def read_mask_2d(path: str | Path) -> np.ndarray:
+    """Read a 2D label map (single channel, integer values) as int64 (H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise CorruptFileError(f"cannot read mask {path}: {e}") from e
+    if arr.ndim == 3:
+        if not (arr == arr[..., :1]).all():
+            raise DataError(f"mask {path} has {arr.shape[-1]} different channels; a label map must be single-channel")
+        arr = arr[..., 0]
+    return arr.astype(np.int64)
+
+
+def read_volume(path: str | Path) -> np.ndarray:
+    """Read a NIfTI (or any MONAI-readable) volume as float32 (X, Y, Z) with MONAI ``LoadImage``."""
+    from monai.transforms import LoadImage
+
+    try:
+        return np.asarray(LoadImage(image_only=True, dtype=np.float32)(str(path)))
+    except Exception as e:  # MONAI raises several types for unreadable files
+        raise CorruptFileError(f"cannot read volume {path}: {e}") from e
+
+
+def read_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an SSL4MIS-style HDF5 file with datasets ``image`` and (optionally) ``label``."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            image = np.asarray(f["image"], dtype=np.float32)
+            label = np.asarray(f["label"]).astype(np.int64) if "label" in f else None
+    except (OSError, KeyError) as e:
+        raise CorruptFileError(f"cannot read HDF5 {path} (needs dataset 'image'): {e}") from e
+    return image, label
+
+
+def check_pair(image: np.ndarray, mask: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise a ``DataError`` when the mask does not fit the image or holds undeclared label values."""
+    if tuple(image.shape[-mask.ndim:]) != tuple(mask.shape):
+        raise DataError(f"{where}: image shape {tuple(image.shape)} does not match mask shape {tuple(mask.shape)}")
+    values = np.unique(mask)
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise DataError(
+            f"{where}: mask holds label value(s) {bad.tolist()} outside the declared classes 0..{num_classes - 1}"
+        )

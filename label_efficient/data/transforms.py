@@ -1,0 +1,53 @@
+"""Per-sample augmentation: albumentations for 2D (CPU), MONAI for 3D; seeded per sample for exact resume."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+class Augment2D:
+    """SSL4MIS/BCP weak augmentation: rot90 + flip (p=.5) or rotation ±20° (p=.25), else identity."""
+
+    def __init__(self, enabled: bool = True, rotate_limit: float = 20.0):
+        import albumentations as A
+        import cv2
+
+        self.enabled = enabled
+        self.compose = A.Compose([
+            A.OneOf([A.SquareSymmetry(p=1.0),
+                     A.Rotate(limit=rotate_limit, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5)], p=0.75)
+        ])
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int):
+        if not self.enabled:
+            return image, label
+        self.compose.set_random_seed(seed)
+        hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
+        out = self.compose(image=hwc, mask=label) if label is not None else self.compose(image=hwc)
+        img = out["image"]
+        img = img[..., None] if img.ndim == 2 else img
+        return np.ascontiguousarray(img.transpose(2, 0, 1)), (out["mask"] if label is not None else None)
+
+
+class Augment3D:
+    """Random crop of ``patch_size`` (zero-padded when the volume is smaller) + rot90/flip in-plane (MONAI)."""
+
+    def __init__(self, patch_size: Sequence[int], enabled: bool = True):
+        from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, SpatialPadd
+
+        keys = ["image", "label"]
+        self.patch_size = tuple(patch_size)
+        crop = [SpatialPadd(keys, self.patch_size, allow_missing_keys=True),
+                RandSpatialCropd(keys, self.patch_size, random_size=False, allow_missing_keys=True)]
+        aug = [RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1), allow_missing_keys=True),
+               RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+               RandFlipd(keys, prob=0.5, spatial_axis=1, allow_missing_keys=True)]
+        self.compose = Compose(crop + (aug if enabled else []))
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int):
+        self.compose.set_random_state(seed=seed % 2**32)
+        d = {"image": image} if label is None else {"image": image, "label": label[None]}
+        out = self.compose(d)
+        img = np.asarray(out["image"], dtype=np.float32)
+        return img, (np.asarray(out["label"])[0].astype(np.int64) if label is not None else None)

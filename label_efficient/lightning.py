@@ -1,0 +1,130 @@
+"""Lightning adapter: one ``LightningModule`` drives any :class:`~label_efficient.strategies.Strategy`."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from .evaluation import case_metrics, predict_volume
+from .recipe import OptimizerConfig
+from .strategies.base import Strategy
+from .utils import atomic_torch_save, seed_everything
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed, so a crash never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+def build_optimizer(params, cfg: OptimizerConfig, total_steps: int):
+    """SGD/Adam(W) with a per-step constant, poly ((1 − t/T)^p) or step schedule."""
+    if cfg.name == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "poly":
+        fn: Callable[[int], float] = lambda s: max(0.0, 1.0 - s / max(total_steps, 1)) ** cfg.poly_power
+    elif cfg.schedule == "step":
+        fn = lambda s: cfg.gamma ** (s // cfg.step_size)
+    else:
+        fn = lambda s: 1.0
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+
+class StrategyModule(pl.LightningModule):
+    """Runs ``strategy.training_step`` each step, its hooks after the optimizer step and at epoch end,
+    and scores validation volumes (per-volume Dice) for model selection."""
+
+    def __init__(self, strategy: Strategy, optimizer: OptimizerConfig, total_steps: int, seed: int = 0,
+                 spatial_dims: int = 2, roi_size: Sequence[int] | None = None, meta: dict | None = None):
+        super().__init__()
+        self.strategy = strategy
+        self.optimizer_cfg = optimizer
+        self.total_steps = total_steps
+        self.seed = seed
+        self.spatial_dims = spatial_dims
+        self.roi_size = roi_size
+        self.meta = meta or {}
+        self._val_dice: list[float] = []
+        strategy.setup(total_steps)
+
+    def on_train_epoch_start(self) -> None:
+        # Re-seeding at each epoch makes a run resumed from an epoch-end checkpoint bit-identical.
+        seed_everything(self.seed * 100_003 + self.current_epoch)
+
+    def training_step(self, batch, batch_idx):
+        out = self.strategy.training_step(batch, self.global_step)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLossError(
+                f"loss is {out.loss.item()} at step {self.global_step} (strategy '{self.strategy.name}'); "
+                f"logs: { {k: float(v) for k, v in out.logs.items()} }. The last good checkpoint is kept."
+            )
+        n = next(iter(batch.values()))["image"].shape[0]
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
+        for k, v in out.logs.items():
+            self.log(f"train/{k}", float(v), batch_size=n)
+        return out.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.strategy.after_optimizer_step(self.global_step - 1)
+
+    def on_train_epoch_end(self) -> None:
+        self.strategy.on_epoch_end(self.current_epoch)
+
+    def validation_step(self, volume, batch_idx):
+        pred = predict_volume(self.strategy.predict, volume, self.spatial_dims, roi_size=self.roi_size,
+                              device=self.device)
+        dice = case_metrics(pred, volume.label, self.strategy.num_classes, ["dice"])["dice"]
+        self._val_dice.append(float(np.mean(list(dice.values()))))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_dice:
+            self.log("val/mean_dice", float(np.mean(self._val_dice)), prog_bar=True)
+        self._val_dice.clear()
+
+    def configure_optimizers(self):
+        opt, sched = build_optimizer(self.strategy.trainable_parameters(), self.optimizer_cfg, self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["label_efficient"] = self.meta
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_meta(checkpoint.get("label_efficient", {}), self.meta, "checkpoint")
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def check_meta(saved: dict, expected: dict, what: str) -> None:
+    """Refuse weights saved for another backbone, class count or dimensionality, with a clear message."""
+    for key in ("backbone", "spatial_dims", "in_channels", "num_classes"):
+        if key in saved and key in expected and saved[key] != expected[key]:
+            raise CheckpointMismatchError(
+                f"{what} was saved with {key}={saved[key]!r} but this run has {key}={expected[key]!r}"
+            )
+
+
+def load_state(module: torch.nn.Module, state: dict, what: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise CheckpointMismatchError(f"{what} does not fit this network: {' '.join(first)}") from None
+
+
+def finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else math.nan

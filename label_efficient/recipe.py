@@ -1,0 +1,203 @@
+"""Recipes: YAML validated with pydantic; unknown keys name the closest valid key, wrong types the expected one."""
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .data.budget import LabelBudget
+from .registry import did_you_mean
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message lists every problem with its dotted key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    dataset: str
+    root: str | None = None  #: data folder; default $LABEL_EFFICIENT_DATA/<folder> or shared/data/<folder>
+    options: dict[str, Any] = {}  #: extra arguments of the dataset definition (e.g. num_classes of image_folder)
+    domain: str | None = None  #: restrict to one domain (e.g. kvasir)
+    image_size: list[int] | None = None  #: 2D: slices are resized to this size
+    patch_size: list[int] | None = None  #: 3D: random training crop and sliding-window size
+    budget: LabelBudget = LabelBudget(all=True)
+    train_split: str = "train"
+    val_split: str | None = "val"
+    test_split: str = "test"
+    max_unlabeled: int | None = None  #: subsample the unlabelled pool (deterministic), for quick runs
+    max_val_cases: int | None = None  #: evaluate on the first N validation volumes only
+    max_test_cases: int | None = None
+    augment: bool = True
+    on_corrupt: Literal["error", "skip"] = "error"
+    num_workers: int = 0
+
+
+class BackboneConfig(_Strict):
+    name: str = "unet"
+    kwargs: dict[str, Any] = {}
+    tap_points: dict[str, str] | None = None
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Literal["constant", "poly", "step"] = "poly"
+    poly_power: float = 0.9
+    step_size: int = 2500
+    gamma: float = 0.1
+
+
+class BatchConfig(_Strict):
+    labeled: int = 8
+    unlabeled: int = 8
+
+
+class StageConfig(_Strict):
+    strategy: str
+    name: str | None = None
+    config: dict[str, Any] = {}
+    steps: int = Field(gt=0)
+    val_every: int = Field(200, gt=0)  #: steps per epoch; validation and `last` checkpoint at each epoch end
+    batch_size: BatchConfig = BatchConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    init: str = "previous_best"  #: previous_best | previous_last | none | path to a checkpoint or model.pt
+    data: dict[str, Any] = {}  #: overrides of the top-level data section for this stage
+
+
+class TrainerConfig(_Strict):
+    accelerator: str = "auto"
+    devices: Union[int, str] = "auto"
+    strategy: str = "auto"  #: Lightning distribution strategy, e.g. ddp
+    precision: str = "32-true"  #: e.g. bf16-mixed (+25–45 % speed on AVX-512 bf16 CPUs)
+    log_every: int = 10
+    progress_bar: bool = True
+
+
+class EvaluationConfig(_Strict):
+    split: str = "test"
+    metrics: list[Literal["dice", "iou", "hd95", "asd"]] = ["dice", "iou", "hd95", "asd"]
+    overlays: int = 4
+    sw_overlap: float = 0.5
+
+
+class Recipe(_Strict):
+    name: str = "run"
+    seed: int = 1337
+    data: DataConfig
+    backbone: BackboneConfig = BackboneConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    stages: list[StageConfig] = Field(min_length=1)
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _check_registries(self):
+        from .strategies import STRATEGIES
+
+        for i, st in enumerate(self.stages):
+            if st.strategy not in STRATEGIES:
+                raise ValueError(f"stages.{i}.strategy: unknown strategy '{st.strategy}'."
+                                 f"{did_you_mean(st.strategy, STRATEGIES.names())} Available: {STRATEGIES.names()}")
+            cfg = STRATEGIES.get(st.strategy).Config
+            try:
+                cfg.model_validate(st.config)
+            except ValidationError as e:
+                raise ValueError(_format(e, cfg, f"stages.{i}.config")) from None
+            bad = set(st.data) - set(DataConfig.model_fields)
+            if bad:
+                k = sorted(bad)[0]
+                raise ValueError(f"stages.{i}.data: unknown key '{k}'.{did_you_mean(k, DataConfig.model_fields)}")
+        return self
+
+    def stage_data(self, i: int) -> DataConfig:
+        """The data section for stage ``i`` (top level merged with the stage's overrides)."""
+        merged = {**self.data.model_dump(), **self.stages[i].data}
+        return DataConfig.model_validate(merged)
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for did-you-mean on unknown keys)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        while typing.get_origin(ann) in (list, Union, types.UnionType):
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            ann = args[0] if args else None
+        cls = ann
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _format(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(root, loc[:-1])
+            hint = did_you_mean(str(loc[-1]), owner.model_fields) if owner else ""
+            valid = f" Valid keys here: {', '.join(owner.model_fields)}." if owner else ""
+            lines.append(f"unknown key '{key}'.{hint}{valid}")
+        elif e["type"] == "missing":
+            lines.append(f"missing key '{key}'")
+        elif e["type"] == "value_error":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines) if prefix else "\n".join(f"- {l}" for l in lines)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML; list items by index)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set expects dotted.key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        node: Any = raw
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
+        last = parts[-1]
+        parsed = yaml.safe_load(value)
+        if isinstance(node, list):
+            node[int(last)] = parsed
+        else:
+            node[last] = parsed
+    return raw
+
+
+def parse_recipe(raw: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"{source} is not valid:\n{_format(e, Recipe)}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Safe-load a YAML recipe, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    return parse_recipe(raw, overrides, str(path))

@@ -1,0 +1,217 @@
+"""Run a recipe: stages in order (weights pass on), model selection on val, one test evaluation at the end.
+
+Output folder::
+
+    recipe.resolved.yaml     the validated recipe with every default filled in
+    stage<i>_<name>/         last.ckpt, best.ckpt (on val), metrics.csv, done.json
+    model.pt                 self-contained inference bundle (backbone spec + weights)
+    metrics.json             per case and class, plus means (top-level ``mean_dice``)
+    overlays/*.png           test predictions over the image
+    learning_curve.png
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .backbones import build_backbone
+from .data import CaseStore, DatasetSpec, StepBatches, Stream, build_dataset, eval_volumes, split_labeled, train_loader
+from .data.loaders import volume_loader
+from .data.readers import DataError
+from .evaluation import evaluate
+from .lightning import AtomicCheckpointIO, StrategyModule, check_meta, load_state
+from .recipe import DataConfig, Recipe
+from .strategies import STRATEGIES, Strategy
+from .utils import atomic_torch_save, atomic_write_json, atomic_write_text, seed_everything
+
+log = logging.getLogger("label_efficient")
+BUNDLE_FORMAT = "label_efficient.model/1"
+
+
+@dataclass
+class DataContext:
+    """What one stage's data section resolves to."""
+
+    cfg: DataConfig
+    spec: DatasetSpec
+    store: CaseStore
+    labeled: list = field(default_factory=list)
+    unlabeled: list = field(default_factory=list)
+
+    @classmethod
+    def build(cls, cfg: DataConfig, seed: int) -> "DataContext":
+        spec = build_dataset(cfg.dataset, cfg.root, **cfg.options)
+        store = CaseStore(spec, cfg.image_size, cfg.on_corrupt)
+        labeled, unlabeled = split_labeled(spec.select(cfg.train_split, cfg.domain), cfg.budget)
+        if cfg.max_unlabeled is not None and len(unlabeled) > cfg.max_unlabeled:
+            keep = np.random.default_rng(seed).permutation(len(unlabeled))[: cfg.max_unlabeled]
+            unlabeled = [unlabeled[i] for i in sorted(keep)]
+        return cls(cfg, spec, store, labeled, unlabeled)
+
+    def volumes(self, split: str | None, limit: int | None):
+        if not split:
+            return []
+        cases = self.spec.select(split, self.cfg.domain)
+        vols = eval_volumes(self.store, cases)
+        return vols[:limit] if limit else vols
+
+    @property
+    def meta(self) -> dict:
+        return {"spatial_dims": self.spec.spatial_dims, "in_channels": self.spec.in_channels,
+                "num_classes": self.spec.num_classes}
+
+
+def build_model(recipe: Recipe, ctx: DataContext) -> torch.nn.Module:
+    b = recipe.backbone
+    return build_backbone(b.name, ctx.spec.spatial_dims, ctx.spec.in_channels, ctx.spec.num_classes,
+                          tap_points=b.tap_points, **b.kwargs)
+
+
+def _streams(strategy_cls: type[Strategy], ctx: DataContext, batch, stage_name: str) -> dict[str, Stream]:
+    streams = {}
+    if strategy_cls.needs_labeled:
+        streams["labeled"] = Stream(ctx.labeled, batch.labeled, with_label=True)
+    if strategy_cls.needs_unlabeled:
+        if not ctx.unlabeled:
+            raise DataError(f"stage '{stage_name}': strategy '{strategy_cls.name}' needs unlabelled data, but the "
+                            "label budget leaves no unlabelled case in the train split; lower the budget")
+        streams["unlabeled"] = Stream(ctx.unlabeled, batch.unlabeled, with_label=False)
+    return streams
+
+
+def _init_weights(model: torch.nn.Module, init: str, previous: dict | None, meta: dict, stage: str) -> None:
+    if init == "none" or (init.startswith("previous") and previous is None):
+        return
+    if init in ("previous_best", "previous_last"):
+        state = previous["best" if init == "previous_best" else "last"]
+    else:
+        path = Path(init)
+        if not path.is_file():
+            raise FileNotFoundError(f"stage '{stage}': init checkpoint {path} not found")
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        check_meta(blob.get("label_efficient", blob.get("meta", {})), meta, str(path))
+        state = blob["state_dict"]
+        if any(k.startswith("strategy.model.") for k in state):  # a Lightning checkpoint
+            state = {k[len("strategy.model."):]: v for k, v in state.items() if k.startswith("strategy.model.")}
+    load_state(model, state, f"stage '{stage}' init '{init}'")
+
+
+def _strategy_state(ckpt_path: Path) -> dict:
+    blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    return {k[len("strategy."):]: v for k, v in blob["state_dict"].items() if k.startswith("strategy.")}
+
+
+def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
+    """Run every stage of ``recipe`` into ``out`` and evaluate once on the test split."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    t_start = time.time()
+    previous: dict | None = None
+    stage_reports = []
+    for i, stage in enumerate(recipe.stages):
+        name = stage.name or stage.strategy
+        sdir = out / f"stage{i}_{name}"
+        ctx = DataContext.build(recipe.stage_data(i), recipe.seed)
+        meta = {"backbone": recipe.backbone.name, **ctx.meta, "stage": name, "strategy": stage.strategy}
+        seed_everything(recipe.seed + i)
+        model = build_model(recipe, ctx)
+        _init_weights(model, stage.init, previous, meta, name)
+        strategy_cls = STRATEGIES.get(stage.strategy)
+        strategy = strategy_cls(model, ctx.spec.num_classes, stage.config)
+        module = StrategyModule(strategy, stage.optimizer, stage.steps, seed=recipe.seed + 7919 * i,
+                                spatial_dims=ctx.spec.spatial_dims, roi_size=ctx.cfg.patch_size, meta=meta)
+        done = sdir / "done.json"
+        if not (resume and done.exists()):
+            batches = StepBatches(ctx.store, _streams(strategy_cls, ctx, stage.batch_size, name), stage.val_every,
+                                  seed=recipe.seed + 7919 * i, augment=ctx.cfg.augment, patch_size=ctx.cfg.patch_size)
+            val = ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases) if strategy_cls.needs_labeled else []
+            ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor="val/mean_dice" if val else None,
+                                   mode="max", save_last=True, save_top_k=1, enable_version_counter=False,
+                                   save_on_train_epoch_end=not val)
+            trainer = pl.Trainer(
+                accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,
+                precision=recipe.trainer.precision, max_steps=stage.steps, max_epochs=-1, callbacks=[ckpt],
+                logger=CSVLogger(sdir, name="", version=""), log_every_n_steps=recipe.trainer.log_every,
+                num_sanity_val_steps=0, limit_val_batches=1.0 if val else 0, enable_progress_bar=recipe.trainer.progress_bar,
+                plugins=[AtomicCheckpointIO()], enable_model_summary=False, default_root_dir=sdir,
+            )
+            last = sdir / "last.ckpt"
+            t0 = time.time()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*does not have many workers.*")
+                warnings.filterwarnings("ignore", ".*IterableDataset.*|.*num_workers.*|.*LeafSpec.*")
+                trainer.fit(module, train_dataloaders=train_loader(batches, ctx.cfg.num_workers),
+                            val_dataloaders=volume_loader(val) if val else None,
+                            ckpt_path=str(last) if resume and last.exists() else None, weights_only=True)
+            best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
+            atomic_write_json(done, {"best": best_path.name, "best_val_dice": float(ckpt.best_model_score)
+                                     if ckpt.best_model_score is not None else None,
+                                     "seconds": time.time() - t0, "steps": stage.steps})
+        info = json.loads(done.read_text())
+        strategy.load_state_dict(_strategy_state(sdir / "last.ckpt"))
+        last_state = copy.deepcopy(strategy.export_model().state_dict())
+        strategy.load_state_dict(_strategy_state(sdir / info["best"]))
+        previous = {"best": copy.deepcopy(strategy.export_model().state_dict()), "last": last_state}
+        stage_reports.append({"stage": name, "strategy": stage.strategy, **info})
+    # --- final evaluation, once, on the test split with the last stage's selected weights -------
+    ev = recipe.evaluation
+    test = ctx.volumes(ev.split, ctx.cfg.max_test_cases)
+    device = next(strategy.parameters()).device
+    strategy.eval()
+    metrics = evaluate(strategy.predict, test, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
+                       ev.metrics, roi_size=ctx.cfg.patch_size, device=device)
+    metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split, "stages": stage_reports,
+               "train_seconds": sum(s["seconds"] for s in stage_reports), "wall_seconds": time.time() - t_start,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "skipped_corrupt": ctx.store.skipped}
+    save_bundle(out / "model.pt", strategy.export_model(), recipe, ctx)
+    atomic_write_json(out / "metrics.json", metrics)
+    from .reporting import learning_curve, overlays
+
+    overlays(strategy.predict, test[: ev.overlays], ctx, out / "overlays")
+    learning_curve(out, out / "learning_curve.png")
+    return metrics
+
+
+def save_bundle(path: Path, model: torch.nn.Module, recipe: Recipe, ctx: DataContext) -> None:
+    """Self-contained inference bundle: backbone spec, preprocessing and weights (loadable weights-only)."""
+    atomic_torch_save({
+        "format": BUNDLE_FORMAT,
+        "meta": {"backbone": recipe.backbone.name, **ctx.meta},
+        "backbone": {"name": recipe.backbone.name, "kwargs": recipe.backbone.kwargs,
+                     "tap_points": recipe.backbone.tap_points},
+        "data": {"image_size": ctx.cfg.image_size, "patch_size": ctx.cfg.patch_size, "intensity": ctx.spec.intensity,
+                 "format": ctx.spec.format, "class_names": ctx.spec.class_names},
+        "state_dict": model.state_dict(),
+    }, path)
+
+
+def load_bundle(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Load ``model.pt`` (weights only) and rebuild its network."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if blob.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path} is not a label-efficient model bundle (format {blob.get('format')!r})")
+    m, b = blob["meta"], blob["backbone"]
+    model = build_backbone(b["name"], m["spatial_dims"], m["in_channels"], m["num_classes"],
+                           tap_points=b["tap_points"], **b["kwargs"])
+    load_state(model, blob["state_dict"], str(path))
+    return model.eval(), blob

@@ -1,0 +1,7 @@
+"""Label-efficient training strategies (registry ``STRATEGIES``)."""
+from .base import STRATEGIES, LabelLeakError, StepOutput, Strategy, StrategyConfig, build_strategy, register_strategy
+from .mean_teacher import MeanTeacher
+from .supervised import Supervised
+
+__all__ = ["STRATEGIES", "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig",
+           "Supervised", "build_strategy", "register_strategy"]

@@ -1,0 +1,56 @@
+"""Mean teacher (Tarvainen & Valpola, NeurIPS 2017), in the SSL4MIS configuration for segmentation.
+
+Per step: L = L_sup(student(x_l), y_l) + λ(t)·MSE(softmax(student(x_u)), softmax(teacher(x_u + ξ))),
+with ξ = clip(N(0, 0.1²), −0.2, 0.2), λ(t) = w·exp(−5(1 − t/T)²) (sigmoid ramp-up) and, after the
+optimizer step, θ_T ← α θ_T + (1 − α) θ_S including BN statistics.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..losses import ce_dice, sigmoid_rampup, supervised_loss
+from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .ema import ema_update, make_teacher
+
+
+@register_strategy("mean_teacher")
+class MeanTeacher(Strategy):
+    """Mean teacher: supervised ½(CE+Dice) + ramped MSE consistency to an EMA teacher on noisy inputs."""
+
+    needs_unlabeled = True
+
+    class Config(StrategyConfig):
+        ema_decay: float = 0.99  #: α (SSL4MIS)
+        consistency: float = 0.1  #: w, the final consistency weight (SSL4MIS)
+        rampup_fraction: float = 1.0  #: T as a fraction of the stage's steps (SSL4MIS ramps over the whole run)
+        noise_std: float = 0.1  #: ξ ~ N(0, σ²) added to the teacher's input
+        noise_clip: float = 0.2
+        teacher_eval_mode: bool = True  #: teacher predicts with BN running stats, no dropout
+
+    def __init__(self, model, num_classes, config=None, **overrides):
+        super().__init__(model, num_classes, config, **overrides)
+        self.teacher = make_teacher(model)
+        self.loss_fn = ce_dice(num_classes)
+
+    def consistency_weight(self, step: int) -> float:
+        c = self.config
+        return c.consistency * sigmoid_rampup(step, c.rampup_fraction * max(self.total_steps, 1))
+
+    def training_step(self, batch, step):
+        self.check_batch(batch)
+        c = self.config
+        lab, unl = batch["labeled"], batch["unlabeled"]
+        n_l = lab["image"].shape[0]
+        logits = self.model(torch.cat([lab["image"], unl["image"]]))
+        loss_sup = supervised_loss(self.loss_fn, logits[:n_l], lab["label"])
+        noise = (torch.randn_like(unl["image"]) * c.noise_std).clamp(-c.noise_clip, c.noise_clip)
+        self.teacher.train(not c.teacher_eval_mode)
+        with torch.no_grad():
+            teacher_probs = self.teacher(unl["image"] + noise).softmax(1)
+        loss_cons = torch.mean((logits[n_l:].softmax(1) - teacher_probs) ** 2)
+        weight = self.consistency_weight(step)
+        loss = loss_sup + weight * loss_cons
+        return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(), "w_cons": weight})
+
+    def after_optimizer_step(self, step):
+        ema_update(self.teacher, self.model, self.config.ema_decay)

@@ -1,0 +1,23 @@
+"""Supervised baseline on the labelled stream only: ½(CE + Dice)."""
+from __future__ import annotations
+
+from ..losses import ce_dice, supervised_loss
+from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+
+
+@register_strategy("supervised")
+class Supervised(Strategy):
+    """L = ½(CE(f(x), y) + Dice(f(x), y)) on labelled images; the lower bound of every comparison."""
+
+    class Config(StrategyConfig):
+        pass
+
+    def __init__(self, model, num_classes, config=None, **overrides):
+        super().__init__(model, num_classes, config, **overrides)
+        self.loss_fn = ce_dice(num_classes)
+
+    def training_step(self, batch, step):
+        self.check_batch(batch)
+        lab = batch["labeled"]
+        loss = supervised_loss(self.loss_fn, self.model(lab["image"]), lab["label"])
+        return StepOutput(loss, {"loss_sup": loss.detach()})

@@ -1,0 +1,1 @@
+"""Image transforms (augmentations and filters) used by the label-efficient strategies."""
