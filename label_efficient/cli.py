@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_list)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from .data.loaders import EvalVolume
 from .evaluation import case_metrics, predict_volume
 from .recipe import OptimizerConfig
 from .strategies.base import Strategy
@@ -82,6 +83,11 @@ class StrategyModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.strategy.on_epoch_end(self.current_epoch)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if isinstance(batch, EvalVolume):  # moved slice by slice (or window by window) in predict_volume
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def validation_step(self, volume, batch_idx):
         pred = predict_volume(self.strategy.predict, volume, self.spatial_dims, roi_size=self.roi_size,

@@ -119,6 +119,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it or choose another --out")

@@ -1,0 +1,159 @@
+"""ACDC-CPU benchmark: every strategy on the same pinned protocol; rows to results/acdc_cpu.json + RESULTS.md.
+
+    python benchmarks/acdc_cpu.py                      # all rows (hours on 2 cores)
+    python benchmarks/acdc_cpu.py --rows supervised:labeled_3 mean_teacher:labeled_7 --jobs 2
+    python benchmarks/acdc_cpu.py --table-only         # regenerate RESULTS.md from the JSON
+
+Each row runs in its own process with one thread (``--jobs 2`` runs two at once on a 2-core machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "acdc_cpu.json"
+
+#: The pinned protocol: every row shares it; a strategy adds only its own stage layout and config.
+PROTOCOL = {
+    "seed": 1337,
+    "data": {"dataset": "acdc", "image_size": [128, 128], "max_val_cases": 10},
+    "backbone": {"name": "unet", "kwargs": {"channels": [16, 32, 64, 128, 256], "num_res_units": 0}},
+    "trainer": {"precision": "bf16-mixed", "progress_bar": False, "log_every": 50},
+    "steps": 2000,
+    "val_every": 250,
+    "batch_size": {"labeled": 8, "unlabeled": 8},
+    "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001, "schedule": "poly"},
+}
+#: The supervised ceiling (all 70 train patients) trains longer, to convergence, selected on val.
+CEILING_STEPS = 6000
+BUDGETS = {"labeled_3": {"flag": "labeled_3"}, "labeled_7": {"flag": "labeled_7"}, "all": {"all": True}}
+
+
+def stages(strategy: str, steps: int) -> list[dict]:
+    common = {"val_every": PROTOCOL["val_every"], "batch_size": PROTOCOL["batch_size"],
+              "optimizer": PROTOCOL["optimizer"]}
+    if strategy == "bcp":  # BCP: copy-paste pre-training (1/4 of the steps), then self-training from its best
+        pre = steps // 4
+        return [{"strategy": "bcp_pretrain", "steps": pre, **common},
+                {"strategy": "bcp", "steps": steps - pre, "init": "previous_best", **common}]
+    return [{"strategy": strategy, "steps": steps, **common}]
+
+
+def recipe(strategy: str, labeled: str) -> dict:
+    steps = CEILING_STEPS if (strategy == "supervised" and labeled == "all") else PROTOCOL["steps"]
+    return {"name": f"acdc_cpu_{strategy}_{labeled}", "seed": PROTOCOL["seed"],
+            "data": {**PROTOCOL["data"], "budget": BUDGETS[labeled]}, "backbone": PROTOCOL["backbone"],
+            "trainer": PROTOCOL["trainer"], "stages": stages(strategy, steps)}
+
+
+DEFAULT_ROWS = ["supervised:labeled_3", "supervised:labeled_7", "supervised:all",
+                "mean_teacher:labeled_3", "mean_teacher:labeled_7"]
+
+
+def run_row(row: str, runs: Path) -> dict:
+    strategy, labeled = row.split(":")
+    out = runs / f"{strategy}_{labeled}"
+    spec = runs / f"{strategy}_{labeled}.json"
+    spec.write_text(json.dumps(recipe(strategy, labeled)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    code = ("import json,sys,torch; torch.set_num_threads(1);"
+            "from label_efficient.recipe import parse_recipe; from label_efficient.runner import run_recipe;"
+            f"r=parse_recipe(json.load(open({str(spec)!r}))); m=run_recipe(r, {str(out)!r}, resume=True);"
+            "print(json.dumps({k: m[k] for k in ('mean_dice','mean_hd95','train_seconds','peak_rss_mb')}))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"row {row} failed:\n{proc.stderr[-3000:]}")
+    m = json.loads((out / "metrics.json").read_text())
+    steps = sum(s["steps"] for s in m["stages"])
+    return {"strategy": strategy, "labeled": labeled, "mean_dice": round(m["mean_dice"], 4),
+            "hd95": round(m["mean_hd95"], 2), "per_class_dice": {k: round(v, 4) for k, v in m["per_class"]["dice"].items()},
+            "steps": steps, "train_seconds": round(m["train_seconds"], 1), "peak_rss_mb": round(m["peak_rss_mb"], 1),
+            "threads": 1, "protocol": {k: v for k, v in PROTOCOL.items() if k != "trainer"}}
+
+
+def load_rows() -> list[dict]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+
+
+def save_rows(new: list[dict]) -> list[dict]:
+    rows = {(r["strategy"], r["labeled"]): r for r in load_rows()}
+    rows.update({(r["strategy"], r["labeled"]): r for r in new})
+    order = ["supervised", "mean_teacher", "bcp", "dsaif"]
+    out = sorted(rows.values(), key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else 99, r["labeled"]))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    sup = {r["labeled"]: r["mean_dice"] for r in rows if r["strategy"] == "supervised"}
+    lines = ["| strategy | labelled | mean Dice | RV | MYO | LV | HD95 (px) | gap closed | steps | train s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = ""
+        if r["strategy"] != "supervised" and r["labeled"] in sup and "all" in sup:
+            gap = f"{100 * (r['mean_dice'] - sup[r['labeled']]) / (sup['all'] - sup[r['labeled']]):.0f} %"
+        pc = r.get("per_class_dice", {})
+        lines.append(f"| {r['strategy']} | {r['labeled']} | {r['mean_dice']:.4f} | {pc.get('RV', float('nan')):.3f} | "
+                     f"{pc.get('MYO', float('nan')):.3f} | {pc.get('LV', float('nan')):.3f} | {r['hd95']:.2f} | {gap} | "
+                     f"{r['steps']} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_markdown(rows: list[dict]) -> None:
+    from speed import SPEED_RESULTS  # noqa: E402  (same folder)
+
+    p = PROTOCOL
+    md = [
+        "# Benchmarks", "",
+        "Regenerate: `python benchmarks/acdc_cpu.py` (accuracy rows) and `python benchmarks/speed.py` (overhead).",
+        "Numbers are from this 2-core CPU machine, one thread per run.", "",
+        "## ACDC-CPU protocol", "",
+        f"ACDC 2D slices resized to {p['data']['image_size'][0]}², MONAI U-Net {p['backbone']['kwargs']['channels']} "
+        f"without residual units, batch {p['batch_size']['labeled']} labelled + {p['batch_size']['unlabeled']} unlabelled, "
+        f"{p['optimizer']['name']} lr {p['optimizer']['lr']} poly, bf16 autocast, {p['steps']} steps "
+        f"(supervised-all: {CEILING_STEPS}, its ceiling), validation every {p['val_every']} steps on "
+        f"{p['data']['max_val_cases']} val volumes (model selection), seed {p['seed']}. Test: per-volume mean Dice over "
+        "RV/MYO/LV and HD95 in pixels on the 40 test volumes (predictions resized back to each slice's size). "
+        "gap closed = (strategy − supervised, same labels) / (supervised all − supervised, same labels).", "",
+        table(rows), "",
+    ]
+    if SPEED_RESULTS.exists():
+        speed = json.loads(SPEED_RESULTS.read_text())
+        md += ["## Step overhead against a raw PyTorch loop", "",
+               "| strategy | raw loop it/s | Lightning it/s | overhead | plain-loop strategy it/s | peak RSS MB |",
+               "|---|---|---|---|---|---|"]
+        for r in speed:
+            md.append(f"| {r['strategy']} | {r['raw_its']:.2f} | {r['lightning_its']:.2f} | {r['overhead_pct']:+.1f} % | "
+                      f"{r['strategy_loop_its']:.2f} | {r['peak_rss_mb']:.0f} |")
+        md.append("")
+    (HERE / "RESULTS.md").write_text("\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, help="strategy:budget pairs")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--runs", default=str(HERE / "runs"))
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    if not args.table_only:
+        runs = Path(args.runs)
+        runs.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for row in pool.map(lambda r: run_row(r, runs), args.rows):
+                print(json.dumps(row), flush=True)
+                save_rows([row])
+    write_markdown(load_rows())
+    print((HERE / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

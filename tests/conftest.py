@@ -1,0 +1,74 @@
+"""Shared fixtures: one thread per test process, tiny synthetic datasets written to tmp folders."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def disc_image(rng: np.random.Generator, size: int = 32, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """A grey image with a bright disc (class 1) holding a brighter core (class 2), plus noise."""
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+    r = rng.integers(size // 6, size // 3)
+    d = np.hypot(yy - cy, xx - cx)
+    mask = np.zeros((size, size), np.uint8)
+    mask[d < r] = 1
+    if classes > 2:
+        mask[d < r / 2] = 2
+    img = 40 + 80 * (mask > 0) + 60 * (mask == 2) + rng.normal(0, 8, (size, size))
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def write_image_folder(root: Path, n: int = 16, size: int = 32, seed: int = 0, classes: int = 3) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for i in range(n):
+        img, mask = disc_image(rng, size, classes)
+        Image.fromarray(img).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"case{i:02d}.png")
+        split = "train" if i < n - 6 else ("val" if i < n - 3 else "test")
+        rows.append({"stem": f"case{i:02d}", "split": split})
+    with open(root / "split.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["stem", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "discs")
+
+
+def tiny_recipe(root: Path, **stage) -> dict:
+    """A recipe on the synthetic disc folder that trains in seconds."""
+    st = {"strategy": "supervised", "steps": 6, "val_every": 3, "batch_size": {"labeled": 2, "unlabeled": 2},
+          "optimizer": {"name": "adam", "lr": 0.01, "schedule": "constant"}}
+    st.update(stage)
+    return {
+        "name": "tiny", "seed": 3,
+        "data": {"dataset": "image_folder", "root": str(root), "options": {"num_classes": 3, "split_csv": "split.csv"},
+                 "image_size": [32, 32], "budget": {"count": 4}},
+        "backbone": {"name": "unet", "kwargs": {"channels": [8, 16, 32]}},
+        "trainer": {"progress_bar": False, "accelerator": "cpu", "log_every": 1},
+        "evaluation": {"metrics": ["dice", "hd95"], "overlays": 1},
+        "stages": [st],
+    }
+
+
+def requires_shared(name: str):
+    return pytest.mark.skipif(not (SHARED / name).is_dir(), reason=f"shared/data/{name} not present")

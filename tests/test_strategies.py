@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from label_efficient.backbones import build_backbone
+from label_efficient.losses import sigmoid_rampup, weighted_dice
+from label_efficient.strategies import STRATEGIES, LabelLeakError, MeanTeacher, Supervised, build_strategy
+from label_efficient.strategies.ema import ema_update, make_teacher
+
+from conftest import disc_image
+
+
+def disc_batch(n, seed, with_label=True):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pairs = [disc_image(rng, 32) for _ in range(n)]
+    x = torch.tensor(np.stack([p[0] for p in pairs]), dtype=torch.float32)[:, None] / 255
+    y = torch.tensor(np.stack([p[1] for p in pairs]), dtype=torch.long)
+    return {"image": x, "label": y} if with_label else {"image": x}
+
+
+def plain_loop(strategy, steps, make_batch):
+    """The README's plain PyTorch loop."""
+    opt = torch.optim.Adam(strategy.trainable_parameters(), lr=0.01)
+    strategy.setup(steps)
+    strategy.train()
+    losses = []
+    for step in range(steps):
+        out = strategy.training_step(make_batch(step), step)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        strategy.after_optimizer_step(step)
+        losses.append(out.loss.item())
+    return losses
+
+
+def test_registry_names_strategies():
+    assert {"supervised", "mean_teacher"} <= set(STRATEGIES.names())
+    with pytest.raises(KeyError, match="Did you mean 'mean_teacher'"):
+        STRATEGIES.get("mean-teacherr")
+
+
+def test_supervised_plain_loop_loss_decreases():
+    torch.manual_seed(0)
+    s = Supervised(build_backbone("unet", 2, 1, 3, channels=[8, 16, 32]), 3)
+    losses = plain_loop(s, 30, lambda i: {"labeled": disc_batch(4, i)})
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_ema_update_exact_and_in_place():
+    a = torch.nn.BatchNorm1d(3)
+    b = torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        a.weight.fill_(1.0)
+        b.weight.fill_(3.0)
+        b.running_mean.fill_(2.0)
+        b.num_batches_tracked.fill_(5)
+    w = a.weight
+    ema_update(a, b, 0.9)
+    assert a.weight is w  # in place: the teacher's tensors are updated, not rebound
+    assert torch.allclose(a.weight, torch.full((3,), 0.9 * 1 + 0.1 * 3))
+    assert torch.allclose(a.running_mean, torch.full((3,), 0.1 * 2.0))
+    assert a.num_batches_tracked.item() == 5
+
+
+def test_mean_teacher_teacher_tracks_student():
+    torch.manual_seed(0)
+    s = MeanTeacher(build_backbone("unet", 2, 1, 3, channels=[8, 16, 32]), 3, ema_decay=0.9)
+    t0 = [p.clone() for p in s.teacher.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(t0, s.model.parameters()))
+    losses = plain_loop(s, 20, lambda i: {"labeled": disc_batch(2, i), "unlabeled": disc_batch(2, 100 + i, False)})
+    moved = sum((a - b).abs().sum().item() for a, b in zip(s.teacher.parameters(), t0))
+    assert moved > 0, "EMA teacher did not move"
+    dist_t = sum((a - b).norm().item() for a, b in zip(s.teacher.parameters(), s.model.parameters()))
+    dist_0 = sum((a - b).norm().item() for a, b in zip(t0, s.model.parameters()))
+    assert dist_t < dist_0, "teacher is not closer to the student than its initialisation"
+    assert all(not p.requires_grad for p in s.teacher.parameters())
+    assert not any(p is q for p in s.trainable_parameters() for q in s.teacher.parameters())
+    assert losses[-1] < losses[0]
+
+
+def test_mean_teacher_rampup_and_logs():
+    s = MeanTeacher(build_backbone("unet", 2, 1, 3, channels=[8, 16]), 3, consistency=0.1)
+    s.setup(100)
+    assert s.consistency_weight(0) == pytest.approx(0.1 * math.exp(-5))
+    assert s.consistency_weight(100) == pytest.approx(0.1)
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-5 * 0.25))
+    out = s.training_step({"labeled": disc_batch(2, 0), "unlabeled": disc_batch(2, 1, False)}, 0)
+    assert {"loss_sup", "loss_cons", "w_cons"} <= set(out.logs)
+
+
+def test_label_leak_and_missing_stream():
+    s = build_strategy("mean_teacher", build_backbone("unet", 2, 1, 3, channels=[8, 16]), 3)
+    with pytest.raises(LabelLeakError):
+        s.training_step({"labeled": disc_batch(2, 0), "unlabeled": disc_batch(2, 1)}, 0)
+    with pytest.raises(KeyError, match="needs an 'unlabeled' stream"):
+        s.training_step({"labeled": disc_batch(2, 0)}, 0)
+
+
+def test_config_typo_is_an_error():
+    with pytest.raises(Exception, match="ema_decy"):
+        MeanTeacher(build_backbone("unet", 2, 1, 3, channels=[8, 16]), 3, ema_decy=0.9)
+
+
+def test_weighted_dice_ignores_zero_weight_pixels():
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[:, 1, :, :2] = 10  # predicts class 1 on the left half
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[:, :, :2] = 1
+    right_wrong = target.clone()
+    right_wrong[:, :, 2:] = 1  # wrong labels only where the weight is zero
+    w = torch.zeros(1, 4, 4)
+    w[:, :, :2] = 1
+    assert weighted_dice(logits, target, w).item() == pytest.approx(weighted_dice(logits, right_wrong, w).item())
+    assert weighted_dice(logits, right_wrong, torch.ones(1, 4, 4)).item() > weighted_dice(logits, target, w).item()
