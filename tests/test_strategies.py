@@ -116,3 +116,20 @@ def test_weighted_dice_ignores_zero_weight_pixels():
     w[:, :, :2] = 1
     assert weighted_dice(logits, target, w).item() == pytest.approx(weighted_dice(logits, right_wrong, w).item())
     assert weighted_dice(logits, right_wrong, torch.ones(1, 4, 4)).item() > weighted_dice(logits, target, w).item()
+
+
+def test_readme_plain_loop_runs():
+    """The README's own-loop example, executed as written (needs the ACDC data)."""
+    import re
+    from pathlib import Path
+
+    from conftest import SHARED
+
+    if not (SHARED / "acdc").is_dir():
+        pytest.skip("shared/data/acdc not present")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "training_step" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["logits"].shape == (1, 4, 128, 128)
+    assert torch.isfinite(scope["out"].loss)

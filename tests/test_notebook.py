@@ -1,0 +1,25 @@
+"""The quickstart notebook is executed on tiny settings so it never rots."""
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import requires_shared
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+
+@requires_shared("acdc")
+def test_quickstart_notebook_runs(monkeypatch):
+    monkeypatch.setenv("QUICKSTART_STEPS", "8")
+    monkeypatch.setenv("QUICKSTART_SIZE", "64")
+    monkeypatch.setenv("QUICKSTART_TEST_VOLUMES", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "136 labelled slices from 7 patients" in outputs
+    assert "mean Dice" in outputs
