@@ -110,11 +110,19 @@ def summarize(per_case: dict[str, dict], class_names: Sequence[str]) -> dict:
 
 def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], volumes: Sequence[EvalVolume], num_classes: int,
              class_names: Sequence[str], spatial_dims: int, metrics: Iterable[str] = METRICS,
-             roi_size: Sequence[int] | None = None, device: torch.device | str = "cpu", multiple: int = 1) -> dict:
-    """Predict and score every volume; returns ``{"cases": {id: metrics}, "mean_dice": ..., ...}``."""
-    per_case = {}
+             roi_size: Sequence[int] | None = None, device: torch.device | str = "cpu", multiple: int = 1,
+             overlap: float = 0.5, keep: int = 0) -> dict:
+    """Predict and score every volume; returns ``{"cases": {id: metrics}, "mean_dice": ..., ...}``.
+
+    The label maps of the first ``keep`` volumes are returned under ``"predictions"`` (for overlays).
+    """
+    per_case, kept = {}, []
     for vol in volumes:
-        pred = predict_volume(predict, vol, spatial_dims, roi_size=roi_size, device=device, multiple=multiple)
+        pred = predict_volume(predict, vol, spatial_dims, roi_size=roi_size, device=device, multiple=multiple,
+                              overlap=overlap)
         per_case[vol.id] = case_metrics(pred, vol.label, num_classes, metrics)
+        if len(kept) < keep:
+            kept.append(pred)
     readable = {cid: {m: {class_names[c]: v for c, v in d.items()} for m, d in res.items()} for cid, res in per_case.items()}
-    return {**summarize(per_case, class_names), "num_cases": len(per_case), "cases": readable}
+    out = {**summarize(per_case, class_names), "num_cases": len(per_case), "cases": readable}
+    return {**out, "predictions": kept} if keep else out

@@ -49,7 +49,8 @@ class StrategyModule(pl.LightningModule):
     and scores validation volumes (per-volume Dice) for model selection."""
 
     def __init__(self, strategy: Strategy, optimizer: OptimizerConfig, total_steps: int, seed: int = 0,
-                 spatial_dims: int = 2, roi_size: Sequence[int] | None = None, meta: dict | None = None):
+                 spatial_dims: int = 2, roi_size: Sequence[int] | None = None, meta: dict | None = None,
+                 overlap: float = 0.5):
         super().__init__()
         self.strategy = strategy
         self.optimizer_cfg = optimizer
@@ -57,6 +58,7 @@ class StrategyModule(pl.LightningModule):
         self.seed = seed
         self.spatial_dims = spatial_dims
         self.roi_size = roi_size
+        self.overlap = overlap
         self.meta = meta or {}
         self._val_dice: list[float] = []
         strategy.setup(total_steps)
@@ -91,7 +93,7 @@ class StrategyModule(pl.LightningModule):
 
     def validation_step(self, volume, batch_idx):
         pred = predict_volume(self.strategy.predict, volume, self.spatial_dims, roi_size=self.roi_size,
-                              device=self.device)
+                              device=self.device, overlap=self.overlap)
         dice = case_metrics(pred, volume.label, self.strategy.num_classes, ["dice"])["dice"]
         self._val_dice.append(float(np.mean(list(dice.values()))))
 

@@ -88,7 +88,7 @@ class EvaluationConfig(_Strict):
     split: str = "test"
     metrics: list[Literal["dice", "iou", "hd95", "asd"]] = ["dice", "iou", "hd95", "asd"]
     overlays: int = 4
-    sw_overlap: float = 0.5
+    sw_overlap: float = 0.5  #: sliding-window overlap (3D)
 
 
 class Recipe(_Strict):

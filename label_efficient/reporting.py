@@ -4,11 +4,9 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from .evaluation import predict_volume
 from .utils import atomic_write_bytes
 
 
@@ -21,7 +19,7 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def overlays(predict: Callable, volumes, ctx, folder: Path) -> None:
+def overlays(volumes, predictions, ctx, folder: Path) -> None:
     """Middle slice of each volume: image, ground-truth contours, prediction as a colour overlay."""
     import matplotlib
 
@@ -29,8 +27,7 @@ def overlays(predict: Callable, volumes, ctx, folder: Path) -> None:
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
-    for vol in volumes:
-        pred = predict_volume(predict, vol, ctx.spec.spatial_dims, roi_size=ctx.cfg.patch_size)
+    for vol, pred in zip(volumes, predictions):
         if ctx.spec.spatial_dims == 2:
             z = len(vol.cases) // 2
             img = F.interpolate(vol.image[z : z + 1], size=vol.size, mode="bilinear")[0].numpy()
@@ -70,5 +67,6 @@ def learning_curve(run_dir: Path, path: Path) -> None:
     a1.set(xlabel="step", ylabel="train loss", yscale="log")
     a2.set(xlabel="step", ylabel="val mean Dice")
     for a in (a1, a2):
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     _save(fig, path)

@@ -140,7 +140,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         strategy_cls = STRATEGIES.get(stage.strategy)
         strategy = strategy_cls(model, ctx.spec.num_classes, stage.config)
         module = StrategyModule(strategy, stage.optimizer, stage.steps, seed=recipe.seed + 7919 * i,
-                                spatial_dims=ctx.spec.spatial_dims, roi_size=ctx.cfg.patch_size, meta=meta)
+                                spatial_dims=ctx.spec.spatial_dims, roi_size=ctx.cfg.patch_size, meta=meta,
+                                overlap=recipe.evaluation.sw_overlap)
         done = sdir / "done.json"
         if not (resume and done.exists()):
             batches = StepBatches(ctx.store, _streams(strategy_cls, ctx, stage.batch_size, name), stage.val_every,
@@ -180,7 +181,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     device = next(strategy.parameters()).device
     strategy.eval()
     metrics = evaluate(strategy.predict, test, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
-                       ev.metrics, roi_size=ctx.cfg.patch_size, device=device)
+                       ev.metrics, roi_size=ctx.cfg.patch_size, device=device, overlap=ev.sw_overlap, keep=ev.overlays)
+    predictions = metrics.pop("predictions", [])
     metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split, "stages": stage_reports,
                "train_seconds": sum(s["seconds"] for s in stage_reports), "wall_seconds": time.time() - t_start,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -189,7 +191,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     atomic_write_json(out / "metrics.json", metrics)
     from .reporting import learning_curve, overlays
 
-    overlays(strategy.predict, test[: ev.overlays], ctx, out / "overlays")
+    overlays(test, predictions, ctx, out / "overlays")
     learning_curve(out, out / "learning_curve.png")
     return metrics
 

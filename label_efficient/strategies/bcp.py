@@ -1,0 +1,140 @@
+"""BCP: bidirectional copy-paste in a mean teacher (Bai et al., CVPR 2023, arXiv 2305.00673).
+
+Stage 1 (``bcp_pretrain``): copy-paste among labelled pairs, x = a⊙M + b⊙(1−M), target mixed the same way.
+Stage 2 (``bcp``), per step, with the EMA teacher T initialised from the best stage-1 student:
+  1. ŷ_u, ŷ_v = LCC(argmax T(u)), LCC(argmax T(v))                       (pseudo labels, no grad)
+  2. X_in  = u⊙M + a⊙(1−M),  Y_in  = ŷ_u⊙M + y_a⊙(1−M)                  (labelled crop in unlabelled image)
+     X_out = b⊙M + v⊙(1−M),  Y_out = y_b⊙M + ŷ_v⊙(1−M)                  (unlabelled crop in labelled image)
+  3. L = L_in + L_out, each ℓ = ½(CE_R + Dice_R) per region R ∈ {M, 1−M}, pseudo-labelled region weighted α
+  4. SGD step, then θ_T ← 0.99 θ_T + 0.01 θ_S
+M is 1 outside one random box and 0 inside; each box side is β = 2/3 of the image side; one M per step serves both
+mixes. Departures from the official code (spec pitfalls): the teacher predicts in eval mode, and the Dice is
+batch-summed for 2D and 3D alike (the official LA Dice is per sample with a linear denominator: set
+``squared_dice: false`` for its denominator).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ..losses import weighted_ce, weighted_dice
+from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .ema import ema_update, make_teacher
+
+
+def box_mask(spatial_shape: tuple[int, ...], beta: float, device=None, generator: torch.Generator | None = None):
+    """M: 1 outside a random box whose side along each axis is ⌊β·side⌋, 0 inside (BCP ``context_mask``)."""
+    mask = torch.ones(spatial_shape, device=device)
+    box = []
+    for side in spatial_shape:
+        length = int(side * beta)
+        start = int(torch.randint(0, side - length + 1, (1,), generator=generator))
+        box.append(slice(start, start + length))
+    mask[tuple(box)] = 0
+    return mask
+
+
+def copy_paste(outside: torch.Tensor, inside: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``outside⊙M + inside⊙(1−M)`` for images (N, C, *S) or label maps (N, *S); M is (*S)."""
+    m = mask if outside.ndim == mask.ndim + 1 else mask.unsqueeze(0)
+    m = m.to(outside.dtype) if outside.is_floating_point() else m.long()
+    return outside * m + inside * (1 - m)
+
+
+def largest_component(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Keep, per sample and foreground class, only the largest connected component (full connectivity)."""
+    arr = labels.cpu().numpy()
+    out = np.zeros_like(arr)
+    structure = ndimage.generate_binary_structure(arr.ndim - 1, arr.ndim - 1)
+    for n in range(arr.shape[0]):
+        for c in range(1, num_classes):
+            comp, k = ndimage.label(arr[n] == c, structure)
+            if k:
+                sizes = np.bincount(comp.ravel())[1:]
+                out[n][comp == 1 + int(sizes.argmax())] = c
+    return torch.from_numpy(out).to(labels.device)
+
+
+def region_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, w_outside: float, w_inside: float,
+                squared: bool = True) -> torch.Tensor:
+    """½[w_out·(CE_M + Dice_M) + w_in·(CE_{1−M} + Dice_{1−M})] — BCP's ``mix_loss``."""
+    m = mask.unsqueeze(0).expand_as(target).to(logits.dtype)
+    loss = 0.0
+    for region, w in ((m, w_outside), (1 - m, w_inside)):
+        loss = loss + w * (weighted_ce(logits, target, region) + weighted_dice(logits, target, region, squared))
+    return loss / 2
+
+
+def _halves(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0]
+    if n < 2 or n % 2:
+        raise ValueError(f"BCP splits the {what} batch into two halves: its size must be even and ≥ 2, got {n}")
+    return x[: n // 2], x[n // 2 :]
+
+
+class BCPConfig(StrategyConfig):
+    beta: float = 2 / 3  #: box side as a fraction of each image side (area 4/9 in 2D, 8/27 in 3D)
+    u_weight: float = 0.5  #: α, weight of pseudo-labelled pixels
+    ema_decay: float = 0.99
+    ema_buffers: bool = True  #: average BN statistics too (ACDC code); the LA code averages parameters only
+    largest_component: bool = True  #: clean teacher pseudo labels by the largest connected component per class
+    squared_dice: bool = True  #: Σp²+Σy² denominators (ACDC); false for the linear LA Dice
+    teacher_eval_mode: bool = True
+
+
+@register_strategy("bcp_pretrain")
+class BCPPretrain(Strategy):
+    """BCP stage 1: copy-paste between labelled pairs; both regions weight 1."""
+
+    Config = BCPConfig
+
+    def training_step(self, batch, step):
+        self.check_batch(batch)
+        c = self.config
+        (a, b), (ya, yb) = _halves(batch["labeled"]["image"], "labelled"), _halves(batch["labeled"]["label"], "labelled")
+        mask = box_mask(tuple(a.shape[2:]), c.beta, a.device)
+        x, y = copy_paste(a, b, mask), copy_paste(ya, yb, mask)
+        loss = region_loss(self.model(x), y, mask, 1.0, 1.0, c.squared_dice)
+        return StepOutput(loss, {"loss_mix": loss.detach()})
+
+
+@register_strategy("bcp")
+class BCP(Strategy):
+    """BCP stage 2: bidirectional copy-paste self-training with an EMA teacher."""
+
+    Config = BCPConfig
+    needs_unlabeled = True
+
+    def __init__(self, model, num_classes, config=None, **overrides):
+        super().__init__(model, num_classes, config, **overrides)
+        self.teacher = make_teacher(model)  # = the pre-trained student the stage was initialised with
+
+    @torch.no_grad()
+    def pseudo_label(self, x: torch.Tensor) -> torch.Tensor:
+        self.teacher.train(not self.config.teacher_eval_mode)
+        labels = self.teacher(x).argmax(1)
+        return largest_component(labels, self.num_classes) if self.config.largest_component else labels
+
+    def training_step(self, batch, step):
+        self.check_batch(batch)
+        c = self.config
+        (a, b), (ya, yb) = _halves(batch["labeled"]["image"], "labelled"), _halves(batch["labeled"]["label"], "labelled")
+        u, v = _halves(batch["unlabeled"]["image"], "unlabelled")
+        if u.shape[0] != a.shape[0]:
+            raise ValueError(f"BCP pairs labelled and unlabelled halves: batch sizes must match, got "
+                             f"{2 * a.shape[0]} labelled and {2 * u.shape[0]} unlabelled")
+        yu, yv = self.pseudo_label(u), self.pseudo_label(v)
+        mask = box_mask(tuple(a.shape[2:]), c.beta, a.device)
+        x_in, y_in = copy_paste(u, a, mask), copy_paste(yu, ya, mask)
+        x_out, y_out = copy_paste(b, v, mask), copy_paste(yb, yv, mask)
+        logits = self.model(torch.cat([x_in, x_out]))
+        n = a.shape[0]
+        loss_in = region_loss(logits[:n], y_in, mask, c.u_weight, 1.0, c.squared_dice)
+        loss_out = region_loss(logits[n:], y_out, mask, 1.0, c.u_weight, c.squared_dice)
+        loss = loss_in + loss_out
+        return StepOutput(loss, {"loss_in": loss_in.detach(), "loss_out": loss_out.detach()})
+
+    def after_optimizer_step(self, step):
+        ema_update(self.teacher, self.model, self.config.ema_decay, buffers=self.config.ema_buffers)

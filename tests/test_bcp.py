@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from label_efficient.backbones import build_backbone
+from label_efficient.strategies import BCP, BCPPretrain
+from label_efficient.strategies.bcp import box_mask, copy_paste, largest_component, region_loss
+
+from test_strategies import disc_batch, plain_loop
+
+
+@pytest.mark.parametrize("shape,ratio", [((96, 96), 4 / 9), ((30, 60), (20 * 40) / (30 * 60)),
+                                         ((24, 24, 12), 8 / 27)])
+def test_box_mask_area_ratio(shape, ratio):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        m = box_mask(shape, 2 / 3, generator=g)
+        inside = (m == 0).float().mean().item()
+        assert inside == pytest.approx(ratio, abs=1e-6)
+        idx = (m == 0).nonzero()
+        spans = (idx.max(0).values - idx.min(0).values + 1).tolist()
+        assert spans == [int(s * 2 / 3) for s in shape]  # one axis-aligned box
+
+
+def test_both_mix_directions_place_pixels():
+    m = box_mask((16, 16), 2 / 3, generator=torch.Generator().manual_seed(1))
+    a, b = torch.full((2, 1, 16, 16), 1.0), torch.full((2, 1, 16, 16), 2.0)
+    u, v = torch.full((2, 1, 16, 16), 3.0), torch.full((2, 1, 16, 16), 4.0)
+    x_in, x_out = copy_paste(u, a, m), copy_paste(b, v, m)
+    inside = m == 0
+    assert (x_in[:, 0][:, inside] == 1).all() and (x_in[:, 0][:, ~inside] == 3).all()  # labelled crop in unlabelled
+    assert (x_out[:, 0][:, inside] == 4).all() and (x_out[:, 0][:, ~inside] == 2).all()  # unlabelled crop in labelled
+    ya, yu = torch.ones(2, 16, 16, dtype=torch.long), torch.full((2, 16, 16), 2)
+    y_in = copy_paste(yu, ya, m)
+    assert y_in.dtype == torch.long and (y_in[:, inside] == 1).all() and (y_in[:, ~inside] == 2).all()
+
+
+def test_region_loss_weights_land_on_the_right_pixels():
+    torch.manual_seed(0)
+    m = box_mask((8, 8), 0.5, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(1, 3, 8, 8, requires_grad=True)
+    target = torch.randint(0, 3, (1, 8, 8))
+    # weight 0 on the outside: gradients reach only the inside pixels, and vice versa
+    region_loss(logits, target, m, 0.0, 1.0).backward()
+    g = logits.grad.abs().sum(1)[0]
+    assert g[m == 1].sum() == 0 and g[m == 0].sum() > 0
+    logits.grad = None
+    region_loss(logits, target, m, 0.5, 0.0).backward()
+    g = logits.grad.abs().sum(1)[0]
+    assert g[m == 0].sum() == 0 and g[m == 1].sum() > 0
+    # α scales the pseudo-labelled region linearly
+    full = region_loss(logits, target, m, 1.0, 0.0).item()
+    assert region_loss(logits, target, m, 0.5, 0.0).item() == pytest.approx(0.5 * full)
+
+
+def test_largest_component_per_class():
+    lab = torch.zeros(1, 10, 10, dtype=torch.long)
+    lab[0, 0:2, 0:2] = 1  # small blob of class 1
+    lab[0, 5:9, 5:9] = 1  # large blob of class 1
+    lab[0, 0, 9] = 2
+    out = largest_component(lab, 3)
+    assert out[0, 0:2, 0:2].sum() == 0 and (out[0, 5:9, 5:9] == 1).all() and out[0, 0, 9] == 2
+
+
+def test_teacher_starts_at_pretrained_student_then_follows_ema():
+    torch.manual_seed(0)
+    pre = BCPPretrain(build_backbone("unet", 2, 1, 3, channels=[8, 16, 32]), 3)
+    losses = plain_loop(pre, 15, lambda i: {"labeled": disc_batch(4, i)})
+    assert losses[-1] < losses[0]
+    s = BCP(pre.export_model(), 3, ema_decay=0.9)
+    assert all(torch.equal(t, p) for t, p in zip(s.teacher.state_dict().values(), s.model.state_dict().values()))
+    t_before = [p.clone() for p in s.teacher.parameters()]
+    out = s.training_step({"labeled": disc_batch(4, 50), "unlabeled": disc_batch(4, 60, False)}, 0)
+    out.loss.backward()
+    with torch.no_grad():
+        for p in s.trainable_parameters():
+            p -= 0.1 * p.grad
+    s.after_optimizer_step(0)
+    for t, t0, st in zip(s.teacher.parameters(), t_before, s.model.parameters()):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * st, atol=1e-6)
+
+
+def test_bcp_plain_loop_and_batch_checks():
+    torch.manual_seed(0)
+    s = BCP(build_backbone("unet", 2, 1, 3, channels=[8, 16, 32]), 3)
+    losses = plain_loop(s, 8, lambda i: {"labeled": disc_batch(4, i), "unlabeled": disc_batch(4, 100 + i, False)})
+    assert all(torch.isfinite(torch.tensor(losses)))
+    with pytest.raises(ValueError, match="even"):
+        s.training_step({"labeled": disc_batch(3, 0), "unlabeled": disc_batch(4, 1, False)}, 0)
+    with pytest.raises(ValueError, match="must match"):
+        s.training_step({"labeled": disc_batch(4, 0), "unlabeled": disc_batch(2, 1, False)}, 0)
+
+
+def test_bcp_3d_step():
+    s = BCP(build_backbone("unet", 3, 1, 2, channels=[4, 8]), 2, squared_dice=False)
+    x = torch.randn(2, 1, 12, 12, 12)
+    y = (x[:, 0] > 0.5).long()
+    out = s.training_step({"labeled": {"image": x, "label": y}, "unlabeled": {"image": torch.randn(2, 1, 12, 12, 12)}}, 0)
+    assert torch.isfinite(out.loss)
+
+
+def test_two_stage_recipe_teacher_from_best_pretrain(image_folder, tmp_path, monkeypatch):
+    from conftest import tiny_recipe
+    from label_efficient.recipe import parse_recipe
+    from label_efficient.runner import run_recipe
+
+    seen = {}
+    real_init = BCP.__init__
+
+    def spy(self, model, num_classes, config=None, **kw):
+        real_init(self, model, num_classes, config, **kw)
+        seen["teacher"] = {k: v.clone() for k, v in self.teacher.state_dict().items()}
+
+    monkeypatch.setattr(BCP, "__init__", spy)
+    raw = tiny_recipe(image_folder, strategy="bcp_pretrain", steps=6, val_every=2)
+    raw["stages"].append({**raw["stages"][0], "strategy": "bcp", "steps": 2, "init": "previous_best"})
+    raw["data"]["budget"] = {"count": 4}
+    run_recipe(parse_recipe(raw), tmp_path / "run")
+    best = torch.load(tmp_path / "run/stage0_bcp_pretrain/best.ckpt", weights_only=True)["state_dict"]
+    for k, v in seen["teacher"].items():
+        assert torch.equal(v, best[f"strategy.model.{k}"]), k
