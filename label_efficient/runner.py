@@ -145,7 +145,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         done = sdir / "done.json"
         if not (resume and done.exists()):
             batches = StepBatches(ctx.store, _streams(strategy_cls, ctx, stage.batch_size, name), stage.val_every,
-                                  seed=recipe.seed + 7919 * i, augment=ctx.cfg.augment, patch_size=ctx.cfg.patch_size)
+                                  seed=recipe.seed + 7919 * i, augment=ctx.cfg.augment, patch_size=ctx.cfg.patch_size,
+                                  image_transform=strategy.image_transform())
             val = ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases) if strategy_cls.needs_labeled else []
             ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor="val/mean_dice" if val else None,
                                    mode="max", save_last=True, save_top_k=1, enable_version_counter=False,

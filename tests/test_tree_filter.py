@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from label_efficient.transforms.tree_filter import dual_tree_views, tree_filter
+from label_efficient.transforms.tree_filter import TreeViews, tree_filter
 
 
 # --------------------------------------------------------------------------- helpers
@@ -269,45 +269,11 @@ def test_channel_axis_with_a_constant_channel():
     np.testing.assert_array_equal(out[0], x[0])
 
 
-# --------------------------------------------------------------------------- dual_tree_views
-def test_dual_tree_views_raw_when_p_filter_zero():
-    img = nested_peaks_2d()
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        a, b, tag = dual_tree_views(img, rng, p_filter=0.0, area_threshold=1)
-        assert tag == "raw"
-        np.testing.assert_array_equal(a, img)
-        np.testing.assert_array_equal(b, img)
-        assert a.dtype == np.float32 and a is not b
-
-
-def test_dual_tree_views_filtered_pairs_and_frequencies():
-    img = nested_peaks_2d()[:6, :7]
-    f_max = tree_filter(img, "max", 1)
-    f_min = tree_filter(img, "min", 1)
-    rng = np.random.default_rng(123)
-    tags = []
-    for _ in range(400):
-        a, b, tag = dual_tree_views(img, rng, p_filter=0.5, area_threshold=1)
-        tags.append(tag)
-        if tag == "max_min":
-            np.testing.assert_array_equal(a, f_max)
-            np.testing.assert_array_equal(b, f_min)
-        elif tag == "min_max":
-            np.testing.assert_array_equal(a, f_min)
-            np.testing.assert_array_equal(b, f_max)
-        else:
-            assert tag == "raw"
-            np.testing.assert_array_equal(a, img)
-    counts = {t: tags.count(t) for t in ("raw", "max_min", "min_max")}
-    assert 160 <= counts["raw"] <= 240
-    assert 60 <= counts["max_min"] <= 140 and 60 <= counts["min_max"] <= 140
-
-
-def test_dual_tree_views_deterministic_given_seed():
-    img = smooth_noise((12, 12), 1)
-    r1 = [dual_tree_views(img, rng, p_filter=0.7)[2] for rng in [np.random.default_rng(5)] * 20]
-    r2 = [dual_tree_views(img, rng, p_filter=0.7)[2] for rng in [np.random.default_rng(5)] * 20]
-    assert r1 == r2 and len(set(r1)) > 1
-    with pytest.raises(ValueError):
-        dual_tree_views(img, np.random.default_rng(0), p_filter=1.5)
+# --------------------------------------------------------------------------- TreeViews
+def test_tree_views_stacks_raw_max_min_per_channel():
+    img = np.stack([nested_peaks_2d(), smooth_noise(nested_peaks_2d().shape, 2)])
+    out = TreeViews(area_threshold=1)(img)
+    assert out.shape == (6,) + img.shape[1:] and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:2], img.astype(np.float32))
+    np.testing.assert_array_equal(out[2], tree_filter(img[0], "max", 1))
+    np.testing.assert_array_equal(out[5], tree_filter(img[1], "min", 1))

@@ -7,7 +7,7 @@ it holds depend only on (seed, epoch, i), so a run resumed at an epoch boundary 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,8 +41,11 @@ def _mix(*ints: int) -> int:
 
 class StepBatches(Dataset):
     def __init__(self, store: CaseStore, streams: Mapping[str, Stream], steps_per_epoch: int, seed: int = 0,
-                 augment: bool = True, patch_size: Sequence[int] | None = None):
+                 augment: bool = True, patch_size: Sequence[int] | None = None,
+                 image_transform: Callable[[np.ndarray], np.ndarray] | None = None):
         self.store, self.streams, self.steps_per_epoch, self.seed = store, dict(streams), steps_per_epoch, seed
+        self.image_transform = image_transform
+        self._transformed: dict[str, np.ndarray] = {}
         spec = store.spec
         if spec.spatial_dims == 3:
             if patch_size is None:
@@ -55,6 +58,13 @@ class StepBatches(Dataset):
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    def _image(self, case: Case, image: np.ndarray) -> np.ndarray:
+        if self.image_transform is None:
+            return image
+        if case.id not in self._transformed:
+            self._transformed[case.id] = self.image_transform(image)
+        return self._transformed[case.id]
 
     def _index(self, stream_id: int, stream: Stream, position: int) -> int:
         n = len(stream.cases)
@@ -70,7 +80,7 @@ class StepBatches(Dataset):
             for j in range(stream.batch_size):
                 case = stream.cases[self._index(sid, stream, step * stream.batch_size + j)]
                 item = self.store.get(case, stream.with_label)
-                img, lab = self.augment(item.image, item.label if stream.with_label else None, _mix(self.seed, sid, step, j))
+                img, lab = self.augment(self._image(case, item.image), item.label if stream.with_label else None, _mix(self.seed, sid, step, j))
                 images.append(torch.from_numpy(img))
                 if stream.with_label:
                     labels.append(torch.from_numpy(np.ascontiguousarray(lab)))

@@ -1,8 +1,9 @@
 """Label-efficient training strategies (registry ``STRATEGIES``)."""
 from .base import STRATEGIES, LabelLeakError, StepOutput, Strategy, StrategyConfig, build_strategy, register_strategy
 from .bcp import BCP, BCPPretrain
+from .dsaif import DSAIF
 from .mean_teacher import MeanTeacher
 from .supervised import Supervised
 
-__all__ = ["BCP", "BCPPretrain", "STRATEGIES", "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig",
+__all__ = ["BCP", "BCPPretrain", "DSAIF", "STRATEGIES", "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig",
            "Supervised", "build_strategy", "register_strategy"]

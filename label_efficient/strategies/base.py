@@ -15,7 +15,9 @@ carries a label (``check_batch`` enforces it).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, NamedTuple
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple
+
+import numpy as np
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -71,6 +73,11 @@ class Strategy(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called at the end of every epoch (a fixed number of steps). Default: nothing to do."""
+
+    def image_transform(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """Optional CPU transform of each training image ``(C, *S) -> (C', *S)``, applied once per image by the
+        data pipeline (cached, before augmentation), e.g. DSAIF's tree-filtered views. Default: none."""
+        return None
 
     # -- parameters and inference ----------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

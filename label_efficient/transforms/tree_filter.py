@@ -41,7 +41,7 @@ from typing import Literal
 import higra as hg
 import numpy as np
 
-__all__ = ["tree_filter", "dual_tree_views"]
+__all__ = ["TreeViews", "tree_filter"]
 
 _LEVELS = 255  # uint8 quantisation: q = round(x * 255)
 
@@ -217,35 +217,20 @@ def tree_filter(
     return np.stack(channels, axis=axis)
 
 
-def dual_tree_views(
-    image: np.ndarray,
-    rng: np.random.Generator,
-    p_filter: float = 0.5,
-    area_threshold: int = 50,
-    *,
-    channel_axis: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """Per-sample choice of the two DSAIF views (spec "Per-step algorithm", step 1).
+class TreeViews:
+    """Per-image transform for DSAIF: channels ``[raw, Max-tree filtered, Min-tree filtered]``.
 
-    With probability ``1 - p_filter`` both views are the raw image (tag
-    ``"raw"``). Otherwise, with probability 0.5, view A is Max-tree filtered
-    and view B Min-tree filtered (``"max_min"``), else the families are
-    swapped (``"min_max"``). Two numbers are always drawn from ``rng`` so the
-    random stream does not depend on the outcome. Rotation of view B is not
-    done here.
-
-    Returns:
-        ``(view_a, view_b, tag)``; the views are float32 arrays of the input
-        shape (for ``"raw"`` two independent copies of the input).
+    ``(C, *S)`` in, ``(3C, *S)`` out; each channel of the input is filtered on its own (RGB: per channel).
+    Computed once per image and cached by the data pipeline: the filter commutes with the later
+    rot90/flip augmentation and with monotone intensity maps (gamma), so filtering the raw image once is
+    equivalent to filtering each augmented crop, up to the uint8 quantisation (the official code filters
+    every crop in the data-loader workers).
     """
-    if not 0.0 <= p_filter <= 1.0:
-        raise ValueError(f"p_filter must be in [0, 1], got {p_filter}")
-    u_filter, u_order = rng.random(2)
-    if u_filter >= p_filter:
-        raw = np.asarray(image, dtype=np.float32)
-        return raw.copy(), raw.copy(), "raw"
-    maxf = tree_filter(image, "max", area_threshold, channel_axis=channel_axis)
-    minf = tree_filter(image, "min", area_threshold, channel_axis=channel_axis)
-    if u_order < 0.5:
-        return maxf, minf, "max_min"
-    return minf, maxf, "min_max"
+
+    def __init__(self, area_threshold: int = 50):
+        self.area_threshold = area_threshold
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        kw = {"area_threshold": self.area_threshold, "channel_axis": 0}
+        return np.concatenate([image.astype(np.float32), tree_filter(image, "max", **kw),
+                               tree_filter(image, "min", **kw)]).astype(np.float32)

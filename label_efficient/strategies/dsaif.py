@@ -1,0 +1,165 @@
+"""DSAIF: dual structure-aware image filterings with mutual supervision (Gu et al., MedIA 2024, arXiv 2312.07264).
+
+Per step, with two independently initialised networks f₁, f₂:
+  1. Per sample: with p = 1 − p_filter both views are the raw image; otherwise A = Max-tree filtered and
+     B = Min-tree filtered, or the families swapped (p = ½ each). With p = ½ both views are gamma-contrasted
+     (γ ~ U(0.5, 1.5)) in their min-max range; view B is rotated by k·90°.
+  2. f₁ sees view A, f₂ sees view B (labelled and unlabelled); f₂'s outputs are rotated back by −k·90°.
+  3. ŷ₁ = argmax f₁(A_u), ŷ₂ = argmax f₂(B_u) (detached, no threshold).
+  4. L = [L_s(1) + λ(t)·CE(f₁(A_u), ŷ₂)] + [L_s(2) + λ(t)·CE(f₂(B_u), ŷ₁)],  L_s = ½(CE + Dice),
+     λ(t) = λ_max·exp(−5(1 − t/T)²) (sigmoid ramp-up, reaching λ_max at T).
+The tree filters (area < 50 pruned, then sibling-less nodes removed; ``transforms.tree_filter``) are computed once
+per image by the data pipeline (``image_transform``) and delivered as channels [raw, max, min]; see ``TreeViews``
+for why caching is equivalent to per-crop filtering. The ramp is expressed as a fraction of the run (spec: full
+at 6k of 15k iterations = 0.4). Optional Bézier intensity remap (the paper-era pipeline): ``bezier_p``.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import ce_dice, sigmoid_rampup, supervised_loss
+from ..transforms.tree_filter import TreeViews
+from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+
+
+def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with every layer re-initialised (an independent second network of the same kind)."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return twin
+
+
+def in_unit_range(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply an intensity map ``fn`` defined on [0, 1] to ``x``, per sample and channel, keeping its range."""
+    dims = tuple(range(2, x.ndim))
+    lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+    scale = (hi - lo).clamp_min(1e-8)
+    return lo + scale * fn((x - lo) / scale)
+
+
+def rotation_dims(spatial: tuple[int, ...]) -> tuple[int, int]:
+    """The first pair of equal-sized spatial axes (as tensor dims), where a 90° rotation keeps the shape."""
+    for i in range(len(spatial)):
+        for j in range(i + 1, len(spatial)):
+            if spatial[i] == spatial[j]:
+                return 2 + i, 2 + j
+    return 2, 3  # no square pair: only k ∈ {0, 2} keep the shape (see rotate_quarter)
+
+
+def rotate_quarter(x: torch.Tensor, k: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
+    """Rotate each sample n of ``x`` by ``k[n]``·90° in ``dims`` (applied per sample, batched by k)."""
+    out = x.clone()
+    for kk in k.unique().tolist():
+        idx = (k == kk).nonzero().flatten()
+        out[idx] = torch.rot90(x[idx], kk, dims)
+    return out
+
+
+def bezier_remap(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random monotone cubic Bézier intensity curve on [0, 1] per sample (Models Genesis-style remap)."""
+    n = x.shape[0]
+    p1, p2 = torch.rand(n, 2, generator=generator), torch.rand(n, 2, generator=generator)
+    t = torch.linspace(0, 1, 256)
+    bx = 3 * (1 - t) ** 2 * t * p1[:, :1] + 3 * (1 - t) * t**2 * p2[:, :1] + t**3  # (n, 256), monotone in t
+    by = 3 * (1 - t) ** 2 * t * p1[:, 1:] + 3 * (1 - t) * t**2 * p2[:, 1:] + t**3
+    by = torch.cummax(by, dim=1).values  # keep the curve monotone: it must not swap bright and dark
+    out = torch.empty_like(x)
+    flat = x.reshape(n, -1)
+    for i in range(n):
+        idx = torch.searchsorted(bx[i].contiguous().to(x.device), flat[i].contiguous()).clamp(0, 255)
+        out[i] = by[i].to(x.device)[idx].reshape(x.shape[1:])
+    return out
+
+
+class DSAIFConfig(StrategyConfig):
+    area_threshold: int = 50  #: tree nodes with fewer pixels/voxels are pruned
+    p_filter: float = 0.5  #: probability that a sample gets the filtered (rather than raw) pair of views
+    lambda_max: float = 1.0  #: λ_max of the cross pseudo-label loss
+    rampup_fraction: float = 0.4  #: λ reaches λ_max at this fraction of the stage (6k of 15k iterations)
+    gamma_p: float = 0.5  #: probability of gamma contrast, γ ~ U(gamma_range)
+    gamma_range: tuple[float, float] = (0.5, 1.5)
+    rotate_view_b: bool = True  #: rotate view B by k·90° and undo it before the losses
+    bezier_p: float = 0.0  #: probability of the optional monotone Bézier intensity remap (paper-era pipeline)
+    predict_with: str = "net1"  #: net1 | net2 | mean (the official code evaluates each network separately)
+
+
+@register_strategy("dsaif")
+class DSAIF(Strategy):
+    """Two networks on Max-/Min-tree filtered views supervise each other with hard pseudo labels."""
+
+    Config = DSAIFConfig
+    needs_unlabeled = True
+
+    def __init__(self, model, num_classes, config=None, **overrides):
+        super().__init__(model, num_classes, config, **overrides)
+        if self.config.predict_with not in ("net1", "net2", "mean"):
+            raise ValueError(f"predict_with must be net1, net2 or mean, got {self.config.predict_with!r}")
+        self.model2 = fresh_copy(model)
+        self.loss_fn = ce_dice(num_classes)
+
+    def image_transform(self):
+        return TreeViews(self.config.area_threshold)
+
+    def lam(self, step: int) -> float:
+        c = self.config
+        return c.lambda_max * sigmoid_rampup(step, c.rampup_fraction * max(self.total_steps, 1))
+
+    def trainable_parameters(self):
+        return [p for p in list(self.model.parameters()) + list(self.model2.parameters()) if p.requires_grad]
+
+    def make_views(self, x: torch.Tensor):
+        """Split [raw | max | min] channels into (A, B, tag) per sample; tag 0 raw, 1 max/min, 2 min/max."""
+        c = self.config
+        if x.shape[1] % 3:
+            raise ValueError(f"DSAIF expects [raw, max, min] channel triples from its image_transform, got "
+                             f"{x.shape[1]} channels")
+        raw, mx, mn = x.chunk(3, dim=1)
+        n = x.shape[0]
+        bshape = (n,) + (1,) * (x.ndim - 1)
+        filtered = torch.rand(n, device=x.device) < c.p_filter
+        max_first = torch.rand(n, device=x.device) < 0.5
+        tag = torch.where(filtered, torch.where(max_first, 1, 2), 0)
+        a = torch.where((tag == 1).view(bshape), mx, torch.where((tag == 2).view(bshape), mn, raw))
+        b = torch.where((tag == 1).view(bshape), mn, torch.where((tag == 2).view(bshape), mx, raw))
+        gamma = torch.empty(n, device=x.device).uniform_(*c.gamma_range)
+        gamma = torch.where(torch.rand(n, device=x.device) < c.gamma_p, gamma, torch.ones_like(gamma)).view(bshape)
+        bezier = c.bezier_p > 0 and bool(torch.rand(()) < c.bezier_p)
+        remap = lambda u: bezier_remap(u.clamp(0, 1) ** gamma) if bezier else u.clamp(0, 1) ** gamma
+        return in_unit_range(remap, a), in_unit_range(remap, b), tag
+
+    def training_step(self, batch, step):
+        self.check_batch(batch)
+        lab, unl = batch["labeled"], batch["unlabeled"]
+        n_l = lab["image"].shape[0]
+        a, b, tag = self.make_views(torch.cat([lab["image"], unl["image"]]))
+        dims = rotation_dims(tuple(a.shape[2:]))
+        square = a.shape[dims[0]] == a.shape[dims[1]]
+        k = torch.randint(0, 4, (a.shape[0],), device=a.device) if self.config.rotate_view_b else torch.zeros(
+            a.shape[0], dtype=torch.long, device=a.device)
+        if not square:
+            k = (k % 2) * 2
+        logits1 = self.model(a)
+        logits2 = rotate_quarter(self.model2(rotate_quarter(b, k, dims)), -k % 4, dims)  # back in the common frame
+        loss_s1 = supervised_loss(self.loss_fn, logits1[:n_l], lab["label"])
+        loss_s2 = supervised_loss(self.loss_fn, logits2[:n_l], lab["label"])
+        y1, y2 = logits1[n_l:].detach().argmax(1), logits2[n_l:].detach().argmax(1)
+        cps1 = F.cross_entropy(logits1[n_l:], y2)
+        cps2 = F.cross_entropy(logits2[n_l:], y1)
+        lam = self.lam(step)
+        loss = loss_s1 + lam * cps1 + loss_s2 + lam * cps2
+        logs = {"loss_s1": loss_s1.detach(), "loss_s2": loss_s2.detach(), "loss_cps1": cps1.detach(),
+                "loss_cps2": cps2.detach(), "lambda": lam, "filtered_frac": (tag > 0).float().mean()}
+        return StepOutput(loss, logs)
+
+    @torch.no_grad()
+    def predict(self, x):
+        if self.config.predict_with == "net1":
+            return self.model(x)
+        if self.config.predict_with == "net2":
+            return self.model2(x)
+        return (self.model(x).softmax(1) + self.model2(x).softmax(1)) / 2

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+
+from label_efficient.backbones import build_backbone
+from label_efficient.strategies import DSAIF
+from label_efficient.strategies.dsaif import fresh_copy, in_unit_range, rotate_quarter, rotation_dims
+from label_efficient.transforms.tree_filter import TreeViews
+
+from test_strategies import disc_batch, plain_loop
+
+
+def with_views(batch):
+    out = dict(batch)
+    out["image"] = torch.stack([torch.from_numpy(TreeViews(5)(x.numpy())) for x in batch["image"]])
+    return out
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return DSAIF(build_backbone("unet", 2, 1, 3, channels=[8, 16, 32]), 3, **kw)
+
+
+def test_two_independent_networks():
+    s = make()
+    p1, p2 = list(s.model.parameters()), list(s.model2.parameters())
+    assert not any(torch.equal(a, b) for a, b in zip(p1, p2) if a.dim() > 1)
+    assert len(s.trainable_parameters()) == len(p1) + len(p2)
+    twin = fresh_copy(s.model)
+    assert type(twin) is type(s.model)
+
+
+def test_views_follow_the_spec_probabilities():
+    s = make(gamma_p=0.0)
+    x = torch.stack([torch.full((1, 4, 4), 0.1), torch.full((1, 4, 4), 0.5), torch.full((1, 4, 4), 0.9)], 1)
+    x = x.repeat(2000, 1, 1, 1)  # channels [raw=0.1, max=0.5, min=0.9]
+    x[:, :, 0, 0] = 0.0  # give every channel a range so min-max keeps values distinguishable
+    x[:, :, 0, 1] = 1.0
+    a, b, tag = s.make_views(x)
+    frac = torch.bincount(tag, minlength=3).float() / len(tag)
+    assert frac[0] == pytest.approx(0.5, abs=0.05) and frac[1] == pytest.approx(0.25, abs=0.04)
+    assert torch.allclose(a[tag == 0, 0, 2, 2], torch.tensor(0.1)) and torch.allclose(b[tag == 0, 0, 2, 2], torch.tensor(0.1))
+    assert torch.allclose(a[tag == 1, 0, 2, 2], torch.tensor(0.5)) and torch.allclose(b[tag == 1, 0, 2, 2], torch.tensor(0.9))
+    assert torch.allclose(a[tag == 2, 0, 2, 2], torch.tensor(0.9)) and torch.allclose(b[tag == 2, 0, 2, 2], torch.tensor(0.5))
+
+
+def test_rotation_is_undone():
+    x = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4)
+    k = torch.tensor([1, 3])
+    dims = rotation_dims((4, 4))
+    assert torch.equal(rotate_quarter(rotate_quarter(x, k, dims), -k % 4, dims), x)
+    assert torch.equal(rotate_quarter(x, k, dims)[0], torch.rot90(x[0], 1, (1, 2)))
+    assert rotation_dims((8, 6, 6)) == (3, 4)
+
+
+def test_gamma_keeps_range():
+    x = torch.rand(3, 1, 5, 5) * 4 - 2
+    y = in_unit_range(lambda u: u**0.5, x)
+    assert torch.allclose(y.amin((2, 3)), x.amin((2, 3))) and torch.allclose(y.amax((2, 3)), x.amax((2, 3)))
+
+
+def test_lambda_ramp():
+    s = make(lambda_max=1.0, rampup_fraction=0.4)
+    s.setup(1000)
+    assert s.lam(0) == pytest.approx(np.exp(-5)) and s.lam(400) == pytest.approx(1.0) and s.lam(900) == 1.0
+
+
+def test_dsaif_plain_loop_and_rotation_equivariance_of_targets():
+    s = make()
+    losses = plain_loop(s, 12, lambda i: {"labeled": with_views(disc_batch(2, i)),
+                                          "unlabeled": with_views(disc_batch(2, 100 + i, False))})
+    assert losses[-1] < losses[0]
+    out = s.training_step({"labeled": with_views(disc_batch(2, 0)), "unlabeled": with_views(disc_batch(2, 1, False))}, 5)
+    assert {"loss_cps1", "loss_cps2", "lambda"} <= set(out.logs)
+    assert s.predict(torch.rand(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_needs_view_triples():
+    with pytest.raises(ValueError, match="channel triples"):
+        make().training_step({"labeled": disc_batch(2, 0), "unlabeled": disc_batch(2, 1, False)}, 0)
+
+
+def test_dsaif_recipe_runs_with_cached_tree_views(image_folder, tmp_path):
+    from conftest import tiny_recipe
+    from label_efficient.recipe import parse_recipe
+    from label_efficient.runner import run_recipe
+
+    raw = tiny_recipe(image_folder, strategy="dsaif", steps=4, val_every=2, config={"area_threshold": 5})
+    m = run_recipe(parse_recipe(raw), tmp_path / "run")
+    assert 0 <= m["mean_dice"] <= 1 and m["stages"][0]["strategy"] == "dsaif"
