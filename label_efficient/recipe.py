@@ -117,7 +117,28 @@ class Recipe(_Strict):
             if bad:
                 k = sorted(bad)[0]
                 raise ValueError(f"stages.{i}.data: unknown key '{k}'.{did_you_mean(k, DataConfig.model_fields)}")
+            if STRATEGIES.get(st.strategy).source_free:
+                self._check_source_free(i)
         return self
+
+    def _check_source_free(self, i: int) -> None:
+        """A source-free stage gets a trained model and unlabelled target images: no labels, no source domain."""
+        from .strategies import STRATEGIES
+
+        st, who = self.stages[i], f"stages.{i} ({self.stages[i].strategy}, source-free)"
+        if "budget" in st.data:
+            raise ValueError(f"{who}: takes no target labels; remove stages.{i}.data.budget "
+                             "(every target train image is used unlabelled)")
+        if i == 0 and st.init in ("previous_best", "previous_last", "none"):
+            raise ValueError(f"{who}: needs a source model; put a source stage before it or set init to a checkpoint")
+        target = {**self.data.model_dump(), **st.data}
+        for j in range(i):
+            prev = {**self.data.model_dump(), **self.stages[j].data}
+            if prev["dataset"] == target["dataset"] and prev["domain"] == target["domain"] \
+                    and not STRATEGIES.get(self.stages[j].strategy).source_free:
+                raise ValueError(f"{who}: uses dataset '{target['dataset']}' domain '{target['domain']}', the source "
+                                 f"data of stages.{j}; source data must not reach a source-free stage: set "
+                                 f"stages.{i}.data.domain to the target domain")
 
     def stage_data(self, i: int) -> DataConfig:
         """The data section for stage ``i`` (top level merged with the stage's overrides)."""

@@ -51,10 +51,17 @@ class DataContext:
     unlabeled: list = field(default_factory=list)
 
     @classmethod
-    def build(cls, cfg: DataConfig, seed: int) -> "DataContext":
+    def build(cls, cfg: DataConfig, seed: int, source_free: bool = False) -> "DataContext":
+        """Resolve a data section; a source-free stage gets its domain's train images, all unlabelled."""
         spec = build_dataset(cfg.dataset, cfg.root, **cfg.options)
         store = CaseStore(spec, cfg.image_size, cfg.on_corrupt)
-        labeled, unlabeled = split_labeled(spec.select(cfg.train_split, cfg.domain), cfg.budget)
+        train = spec.select(cfg.train_split, cfg.domain)
+        if source_free:
+            if not train:
+                raise DataError(f"the target train split of '{spec.name}' (domain {cfg.domain}) is empty")
+            labeled, unlabeled = [], train
+        else:
+            labeled, unlabeled = split_labeled(train, cfg.budget)
         if cfg.max_unlabeled is not None and len(unlabeled) > cfg.max_unlabeled:
             keep = np.random.default_rng(seed).permutation(len(unlabeled))[: cfg.max_unlabeled]
             unlabeled = [unlabeled[i] for i in sorted(keep)]
@@ -132,12 +139,12 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     for i, stage in enumerate(recipe.stages):
         name = stage.name or stage.strategy
         sdir = out / f"stage{i}_{name}"
-        ctx = DataContext.build(recipe.stage_data(i), recipe.seed)
+        strategy_cls = STRATEGIES.get(stage.strategy)
+        ctx = DataContext.build(recipe.stage_data(i), recipe.seed, source_free=strategy_cls.source_free)
         meta = {"backbone": recipe.backbone.name, **ctx.meta, "stage": name, "strategy": stage.strategy}
         seed_everything(recipe.seed + i)
         model = build_model(recipe, ctx)
         _init_weights(model, stage.init, previous, meta, name)
-        strategy_cls = STRATEGIES.get(stage.strategy)
         strategy = strategy_cls(model, ctx.spec.num_classes, stage.config)
         module = StrategyModule(strategy, stage.optimizer, stage.steps, seed=recipe.seed + 7919 * i,
                                 spatial_dims=ctx.spec.spatial_dims, roi_size=ctx.cfg.patch_size, meta=meta,

@@ -4,7 +4,8 @@ import torch
 
 from label_efficient.backbones import build_backbone
 from label_efficient.strategies import DSAIF
-from label_efficient.strategies.dsaif import fresh_copy, in_unit_range, rotate_quarter, rotation_dims
+from label_efficient.strategies.dsaif import fresh_copy, in_unit_range
+from label_efficient.transforms.rotate import rotate_quarter, rotation_dims
 from label_efficient.transforms.tree_filter import TreeViews
 
 from test_strategies import disc_batch, plain_loop

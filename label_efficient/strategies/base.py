@@ -49,6 +49,8 @@ class Strategy(nn.Module):
     #: streams the strategy consumes; the runner builds exactly these
     needs_labeled: ClassVar[bool] = True
     needs_unlabeled: ClassVar[bool] = False
+    #: source-free adaptation: receives a trained model and unlabelled target images only, never labels
+    source_free: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, num_classes: int, config: StrategyConfig | Mapping[str, Any] | None = None,
                  **overrides: Any):
@@ -101,6 +103,9 @@ class Strategy(nn.Module):
             raise KeyError(f"strategy '{self.name}' needs an 'unlabeled' stream; batch has {sorted(batch)}")
         if "label" in batch.get("unlabeled", {}):
             raise LabelLeakError("the unlabelled stream carries a 'label': labels must never reach unlabelled data")
+        if self.source_free and "labeled" in batch:
+            raise LabelLeakError(f"'{self.name}' is source-free: it takes unlabelled target images only, but the batch "
+                                 "has a 'labeled' stream (source data or target labels)")
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import ce_dice, sigmoid_rampup, supervised_loss
+from ..transforms.rotate import rotate_quarter, rotation_dims
 from ..transforms.tree_filter import TreeViews
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 
@@ -40,24 +41,6 @@ def in_unit_range(fn, x: torch.Tensor) -> torch.Tensor:
     lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
     scale = (hi - lo).clamp_min(1e-8)
     return lo + scale * fn((x - lo) / scale)
-
-
-def rotation_dims(spatial: tuple[int, ...]) -> tuple[int, int]:
-    """The first pair of equal-sized spatial axes (as tensor dims), where a 90° rotation keeps the shape."""
-    for i in range(len(spatial)):
-        for j in range(i + 1, len(spatial)):
-            if spatial[i] == spatial[j]:
-                return 2 + i, 2 + j
-    return 2, 3  # no square pair: only k ∈ {0, 2} keep the shape (see rotate_quarter)
-
-
-def rotate_quarter(x: torch.Tensor, k: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
-    """Rotate each sample n of ``x`` by ``k[n]``·90° in ``dims`` (applied per sample, batched by k)."""
-    out = x.clone()
-    for kk in k.unique().tolist():
-        idx = (k == kk).nonzero().flatten()
-        out[idx] = torch.rot90(x[idx], kk, dims)
-    return out
 
 
 def bezier_remap(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

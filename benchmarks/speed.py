@@ -1,0 +1,169 @@
+"""Step overhead: a strategy in our Lightning module and in a plain loop, against a raw PyTorch loop doing the
+same forward/backward passes on the same pre-built batches (ACDC slices at the ACDC-CPU protocol's size).
+
+    python benchmarks/speed.py [--steps 60] [--threads 2]
+
+Run it alone on the machine: another busy process changes the numbers by 20–40× on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SPEED_RESULTS = HERE / "results" / "speed.json"
+
+
+def batches(n: int, size: int, nl: int, nu: int):
+    from label_efficient.data import CaseStore, LabelBudget, StepBatches, Stream, build_dataset, split_labeled
+
+    spec = build_dataset("acdc")
+    lab, unl = split_labeled(spec.select("train"), LabelBudget(flag="labeled_7"))
+    sb = StepBatches(CaseStore(spec, (size, size)), {"labeled": Stream(lab, nl, True),
+                                                     "unlabeled": Stream(unl[:200], nu, False)}, n)
+    return [sb[(0, i)] for i in range(n)]
+
+
+def model():
+    from label_efficient.backbones import build_backbone
+
+    return build_backbone("unet", 2, 1, 4, channels=[16, 32, 64, 128, 256], num_res_units=0)
+
+
+def raw_supervised(data, steps):
+    """The hand-written loop a user would write: forward, ½(CE+Dice), backward, step."""
+    from monai.losses import DiceCELoss
+
+    net = model().train()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    t0 = 0.0
+    for i, b in enumerate(data[:steps]):
+        if i == 5:
+            t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(net(b["labeled"]["image"]), b["labeled"]["label"][:, None])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (steps - 5) / (time.perf_counter() - t0)
+
+
+def raw_mean_teacher(data, steps):
+    import copy
+
+    from monai.losses import DiceCELoss
+
+    net = model().train()
+    teacher = copy.deepcopy(net).eval()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    t0 = 0.0
+    for i, b in enumerate(data[:steps]):
+        if i == 5:
+            t0 = time.perf_counter()
+        xl, yl, xu = b["labeled"]["image"], b["labeled"]["label"], b["unlabeled"]["image"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(torch.cat([xl, xu]))
+            with torch.no_grad():
+                t = teacher(xu + (torch.randn_like(xu) * 0.1).clamp(-0.2, 0.2)).softmax(1)
+            loss = loss_fn(out[: len(xl)], yl[:, None]) + 0.1 * ((out[len(xl):].softmax(1) - t) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pt, ps in zip(teacher.parameters(), net.parameters()):
+                pt.mul_(0.99).add_(ps, alpha=0.01)
+            for bt, bs in zip(teacher.buffers(), net.buffers()):
+                bt.copy_(bs) if not bt.dtype.is_floating_point else bt.mul_(0.99).add_(bs, alpha=0.01)
+    return (steps - 5) / (time.perf_counter() - t0)
+
+
+def strategy_loop(name, data, steps):
+    from label_efficient.strategies import build_strategy
+
+    s = build_strategy(name, model(), 4)
+    s.setup(steps)
+    s.train()
+    opt = torch.optim.AdamW(s.trainable_parameters(), lr=3e-3)
+    t0 = 0.0
+    for i, b in enumerate(data[:steps]):
+        if i == 5:
+            t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = s.training_step(b, i)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        s.after_optimizer_step(i)
+    return (steps - 5) / (time.perf_counter() - t0)
+
+
+class _Timer:
+    def __init__(self):
+        import pytorch_lightning as pl
+
+        class T(pl.Callback):
+            def __init__(self):
+                self.t0, self.n = None, 0
+
+            def on_train_batch_start(self, trainer, *a):
+                if trainer.global_step == 5:
+                    self.t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, *a):
+                self.t1 = time.perf_counter()
+                self.n = trainer.global_step
+
+        self.cb = T()
+
+
+def lightning_loop(name, data, steps):
+    import pytorch_lightning as pl
+
+    from label_efficient.lightning import StrategyModule
+    from label_efficient.recipe import OptimizerConfig
+    from label_efficient.strategies import build_strategy
+
+    s = build_strategy(name, model(), 4)
+    module = StrategyModule(s, OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.01, schedule="constant"), steps)
+    timer = _Timer().cb
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, precision="bf16-mixed", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data[:steps], batch_size=None))
+    return (timer.n - 5) / (timer.t1 - timer.t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="best of N per measurement")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import logging
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    data = batches(args.steps, 128, 8, 8)
+    rows = []
+    for name, raw in (("supervised", raw_supervised), ("mean_teacher", raw_mean_teacher)):
+        best = lambda f: max(f() for _ in range(args.repeats))
+        r = best(lambda: raw(data, args.steps))
+        lt = best(lambda: lightning_loop(name, data, args.steps))
+        sl = best(lambda: strategy_loop(name, data, args.steps))
+        rows.append({"strategy": name, "raw_its": r, "lightning_its": lt, "strategy_loop_its": sl,
+                     "overhead_pct": 100 * (r / lt - 1), "threads": args.threads, "steps": args.steps,
+                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        print(json.dumps(rows[-1]), flush=True)
+    SPEED_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    SPEED_RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
