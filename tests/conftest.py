@@ -72,3 +72,38 @@ def tiny_recipe(root: Path, **stage) -> dict:
 
 def requires_shared(name: str):
     return pytest.mark.skipif(not (SHARED / name).is_dir(), reason=f"shared/data/{name} not present")
+
+
+def write_two_domain_folder(root: Path, n_per_domain: int = 12, size: int = 32) -> Path:
+    """Domain 'a': discs as in ``disc_image``; domain 'b': the same anatomy with inverted, compressed contrast."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for dom in ("a", "b"):
+        for i in range(n_per_domain):
+            img, mask = disc_image(rng, size)
+            if dom == "b":
+                img = (255 - img.astype(np.float32) * 0.6).clip(0, 255).astype(np.uint8)
+            stem = f"{dom}{i:02d}"
+            Image.fromarray(img).save(root / "images" / f"{stem}.png")
+            Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+            split = "train" if i < n_per_domain - 4 else ("val" if i < n_per_domain - 2 else "test")
+            rows.append({"stem": stem, "split": split, "domain": dom})
+    with open(root / "split.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["stem", "split", "domain"])
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def sfda_recipe(root: Path, adapt: str, adapt_config: dict | None = None) -> dict:
+    raw = tiny_recipe(root, steps=8, val_every=4)
+    raw["data"]["domain"] = "a"
+    raw["data"]["budget"] = {"all": True}
+    raw["stages"].append({"strategy": adapt, "steps": 4, "val_every": 2, "init": "previous_best",
+                          "data": {"domain": "b"}, "config": adapt_config or {}, "batch_size": {"unlabeled": 4},
+                          "optimizer": {"name": "adam", "lr": 0.001, "schedule": "constant"}})
+    return raw

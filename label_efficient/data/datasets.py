@@ -134,30 +134,31 @@ def _stems(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
 
 
 def _split_of(stems: Sequence[str], split_csv: str | Path | None, splits: Mapping[str, Sequence[str]] | None,
-              root: Path) -> dict[str, str]:
+              root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(split of each stem, domain of each stem) from a CSV (columns stem|case, split, optional domain) or lists."""
     if split_csv:
         rows = _read_csv(root / split_csv if not Path(split_csv).is_absolute() else Path(split_csv))
         key = "stem" if rows and "stem" in rows[0] else "case"
-        return {r[key]: r["split"] for r in rows}
+        return {r[key]: r["split"] for r in rows}, {r[key]: r["domain"] for r in rows if r.get("domain")}
     if splits:
-        return {s: name for name, ids in splits.items() for s in ids}
-    return {s: "train" for s in stems}
+        return {s: name for name, ids in splits.items() for s in ids}, {}
+    return {s: "train" for s in stems}, {}
 
 
 @DATASETS.register("image_folder")
 def image_folder(root: str | Path, num_classes: int, images: str = "images", masks: str = "masks",
                  in_channels: int = 1, split_csv: str | None = None, splits: Mapping[str, Sequence[str]] | None = None,
                  class_names: Sequence[str] | None = None, allow_missing_masks: bool = False) -> DatasetSpec:
-    """A 2D image folder with masks matched by file stem; split from a CSV (stem, split) or explicit lists."""
+    """A 2D image folder with masks matched by file stem; split (and domain) from a CSV or explicit lists."""
     root = _root(root, "")
     imgs, msks = _stems(root / images, IMAGE_SUFFIXES), _stems(root / masks, IMAGE_SUFFIXES) if (root / masks).is_dir() else {}
     missing = sorted(set(imgs) - set(msks))
     if missing and not allow_missing_masks:
         raise DataError(f"{len(missing)} image(s) in {root / images} have no mask in {root / masks}, "
                         f"e.g. {missing[:3]}; set allow_missing_masks to use them as unlabelled")
-    split = _split_of(list(imgs), split_csv, splits, root)
+    split, domain = _split_of(list(imgs), split_csv, splits, root)
     cases = [Case(id=s, image=str(p), mask=str(msks[s]) if s in msks else None, split=split.get(s, "unused"),
-                  group=s, volume=s) for s, p in imgs.items()]
+                  group=s, volume=s, domain=domain.get(s)) for s, p in imgs.items()]
     names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
     return DatasetSpec(root.name, 2, in_channels, num_classes, names, cases)
 
@@ -170,9 +171,9 @@ def nifti_folder(root: str | Path, num_classes: int, images: str = "imagesTr", l
     root = _root(root, "")
     imgs = _stems(root / images, (".nii.gz", ".nii"))
     lbls = _stems(root / labels, (".nii.gz", ".nii")) if (root / labels).is_dir() else {}
-    split = _split_of(list(imgs), split_csv, splits, root)
+    split, domain = _split_of(list(imgs), split_csv, splits, root)
     cases = [Case(id=s, image=str(p), mask=str(lbls[s]) if s in lbls else None, split=split.get(s, "unused"),
-                  group=s, volume=s) for s, p in imgs.items()]
+                  group=s, volume=s, domain=domain.get(s)) for s, p in imgs.items()]
     names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
     return DatasetSpec(root.name, 3, 1, num_classes, names, cases, format="nifti", intensity=intensity)
 
@@ -184,9 +185,9 @@ def h5_files(root: str | Path, num_classes: int, spatial_dims: int = 3, split_cs
     """SSL4MIS-style HDF5 files (datasets ``image``, ``label``), one case per file."""
     root = _root(root, "")
     files = _stems(root, (".h5",))
-    split = _split_of(list(files), split_csv, splits, root)
-    cases = [Case(id=s, image=str(p), mask=str(p), split=split.get(s, "unused"), group=s, volume=s)
-             for s, p in files.items()]
+    split, domain = _split_of(list(files), split_csv, splits, root)
+    cases = [Case(id=s, image=str(p), mask=str(p), split=split.get(s, "unused"), group=s, volume=s,
+                  domain=domain.get(s)) for s, p in files.items()]
     names = list(class_names) if class_names else [f"class{i}" for i in range(num_classes)]
     return DatasetSpec(root.name, spatial_dims, 1, num_classes, names, cases, format="h5", intensity=intensity)
 

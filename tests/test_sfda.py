@@ -1,0 +1,224 @@
+import math
+
+import pytest
+import torch
+
+from label_efficient.backbones import batchnorm_layers, build_backbone, get_head
+from label_efficient.recipe import RecipeError, parse_recipe
+from label_efficient.runner import run_recipe
+from label_efficient.strategies import BNSFDA, UPLSFDA, LabelLeakError
+from label_efficient.strategies.bn_sfda import NoBatchNormError
+from label_efficient.strategies.upl_sfda import largest_component_mask, masked_dice_loss
+
+from conftest import sfda_recipe, write_two_domain_folder
+from test_strategies import disc_batch
+
+
+_TRAINED = {}
+
+
+def source_model():
+    """A small U-Net trained for a few steps on the source discs (cached; a fresh copy each call)."""
+    import copy
+
+    from label_efficient.strategies import Supervised
+    from test_strategies import plain_loop
+
+    if "model" not in _TRAINED:
+        torch.manual_seed(0)
+        s = Supervised(build_backbone("unet", 2, 1, 3, channels=[8, 16, 32]), 3)
+        plain_loop(s, 25, lambda i: {"labeled": disc_batch(4, i)})
+        _TRAINED["model"] = s.model
+    return copy.deepcopy(_TRAINED["model"]).train()
+
+
+def target_batch(n=4, seed=0):
+    b = disc_batch(n, seed, with_label=False)
+    return {"unlabeled": {"image": 1.0 - 0.6 * b["image"]}}  # shifted domain
+
+
+# --- BN-SFDA -------------------------------------------------------------------------------------------
+def test_bn_sfda_momentum_decays_with_time_constant():
+    s = BNSFDA(source_model(), 3, eta0=0.1, tau=10)
+    assert s.momentum(0) == pytest.approx(0.1) and s.momentum(10) == pytest.approx(0.1 / math.e)
+
+
+def test_bn_sfda_statistics_move_to_target_and_source_is_a_copy():
+    s = BNSFDA(source_model(), 3, tau=50)
+    name, bn = batchnorm_layers(s.model)[0]
+    src_mean = s._src("running_mean", name).clone()
+    s.train()
+    x = target_batch()
+    out = s.training_step(x, 0)
+    assert not torch.allclose(bn.running_mean, src_mean)  # low-order stats re-estimated (η_0 of the batch)
+    assert torch.equal(s._src("running_mean", name), src_mean)  # the source copy is untouched
+    with torch.no_grad():
+        bn.weight.add_(1.0)
+    assert not torch.equal(s._src("weight", name), bn.weight)
+    assert out.logs["eta"] == pytest.approx(0.1)
+
+
+def test_bn_sfda_anchor_and_transferability():
+    s = BNSFDA(source_model(), 3)
+    s.train()
+    assert s.training_step(target_batch(), 0).logs["loss_hbs"] == 0  # T = S at the start
+    name, bn = batchnorm_layers(s.model)[0]
+    a = s.transferability(name, bn)
+    assert a.sum().item() == pytest.approx(a.numel(), rel=1e-5)  # α sums to C_l
+    with torch.no_grad():
+        bn.running_mean[0] += 100.0  # channel 0 shifted a lot
+        bn.bias.add_(0.5)
+    a = s.transferability(name, bn)
+    assert a[0] < a[1:].min()
+    assert s.training_step(target_batch(), 1).logs["loss_hbs"] > 0
+
+
+def test_bn_sfda_trains_bn_affine_only_by_default():
+    s = BNSFDA(source_model(), 3)
+    bn_params = {id(p) for _, m in batchnorm_layers(s.model) for p in (m.weight, m.bias)}
+    assert {id(p) for p in s.trainable_parameters()} == bn_params
+    s_all = BNSFDA(source_model(), 3, train_params="all")
+    assert len(s_all.trainable_parameters()) == len(list(s_all.model.parameters()))
+
+
+def test_bn_sfda_entropy_drives_and_anchor_holds():
+    s = BNSFDA(source_model(), 3, entropy_weight=1.0)
+    s.train()
+    out = s.training_step(target_batch(4, 0), 0)
+    out.loss.backward()  # T = S: the anchor has zero gradient, the entropy term moves γ/β
+    assert any(m.weight.grad.abs().sum() > 0 for _, m in batchnorm_layers(s.model))
+    opt = torch.optim.Adam(s.trainable_parameters(), lr=1e-2)
+    for step in range(1, 30):
+        out = s.training_step(target_batch(4, step), step)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    name, bn = batchnorm_layers(s.model)[0]
+    drift = (bn.weight - s._src("weight", name)).abs().max().item()
+    assert 0 < drift < 0.1  # L1 anchor keeps γ near the source value (Adam steps of 1e-2)
+
+
+def test_bn_sfda_needs_batchnorm():
+    with pytest.raises(NoBatchNormError, match="InstanceNorm2d"):
+        BNSFDA(build_backbone("unet", 2, 1, 3, channels=[8, 16], norm="instance"), 3)
+
+
+def test_source_free_batches_refuse_labels():
+    s = BNSFDA(source_model(), 3)
+    with pytest.raises(LabelLeakError, match="source-free"):
+        s.training_step({"labeled": disc_batch(2, 0), **target_batch()}, 0)
+
+
+# --- UPL-SFDA ------------------------------------------------------------------------------------------
+def test_upl_heads_cloned_from_source_head():
+    model = source_model()
+    head = get_head(model)
+    s = UPLSFDA(model, 3)
+    assert len(s.heads) == 4 and s.rotations == [1, 2, 3, 0]
+    for h in s.heads:
+        assert torch.equal(h.weight, head.weight) and h.weight is not head.weight
+    exported = s.export_model()
+    assert torch.equal(get_head(exported).weight, head.weight)
+    assert exported(torch.rand(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_upl_rotation_heads_are_back_in_frame():
+    s = UPLSFDA(source_model(), 3)
+    s.eval()
+    x = torch.rand(2, 1, 32, 32)
+    probs = s.head_probs(x)
+    # head 4 (no rotation) sees x itself; head 2 (180°) sees the rotated image, output rotated back
+    assert torch.allclose(probs[3], s.heads[3](s.model(x)).softmax(1), atol=1e-6)
+    rot = torch.rot90(s.heads[1](s.model(torch.rot90(x, 2, (2, 3)))).softmax(1), -2, (2, 3))
+    assert torch.allclose(probs[1], rot, atol=1e-6)
+    assert torch.allclose(s.predict(x), torch.stack(probs).mean(0))
+
+
+def test_masked_dice_counts_only_pseudo_labelled_pixels():
+    p = torch.zeros(1, 2, 4, 4)
+    p[:, 1] = 1.0
+    p[:, 0] = 0.0
+    y = torch.zeros(1, 2, 4, 4)
+    y[0, 1, :2] = 1  # class 1 on the top half; nothing pseudo-labelled elsewhere
+    # predicted class 1 everywhere: no penalty for the false positives outside Y (class 0 has no pixel)
+    assert masked_dice_loss(p, y).item() == pytest.approx(0.0, abs=1e-4)
+    assert masked_dice_loss(p, torch.zeros_like(y)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_upl_threshold_leaving_no_pixel_is_finite():
+    s = UPLSFDA(source_model(), 3, tau=1.0)
+    s.train()
+    out = s.training_step(target_batch(), 0)
+    assert torch.isfinite(out.loss) and out.logs["pl_fraction"] == 0
+
+
+def test_largest_component_mask():
+    m = torch.zeros(1, 1, 8, 8)
+    m[0, 0, :2, :2] = 1
+    m[0, 0, 4:8, 4:8] = 1
+    out = largest_component_mask(m)
+    assert out[0, 0, :2, :2].sum() == 0 and out[0, 0, 4:, 4:].sum() == 16
+
+
+# --- the source -> target workflow ------------------------------------------------------------------------
+@pytest.mark.parametrize("adapt", ["bn_sfda", "upl_sfda"])
+def test_workflow_is_source_free(tmp_path, monkeypatch, adapt):
+    import label_efficient.data.store as store_mod
+    import label_efficient.runner as runner_mod
+
+    root = write_two_domain_folder(tmp_path / "two")
+    reads, streams = [], []
+    real_read, real_sb = store_mod.read_mask_2d, runner_mod.StepBatches
+
+    def spy_read(path):
+        reads.append(str(path))
+        return real_read(path)
+
+    class SpyBatches(real_sb):
+        def __init__(self, store, s, *a, **k):
+            streams.append({name: [c.domain for c in st.cases] for name, st in s.items()})
+            super().__init__(store, s, *a, **k)
+
+    monkeypatch.setattr(store_mod, "read_mask_2d", spy_read)
+    monkeypatch.setattr(runner_mod, "StepBatches", SpyBatches)
+    m = run_recipe(parse_recipe(sfda_recipe(root, adapt)), tmp_path / "run")
+    assert streams[1] == {"unlabeled": ["b"] * 8}  # stage 2: unlabelled target train images only
+    target_train_masks = {f"b{i:02d}.png" for i in range(8)}
+    assert not [r for r in reads if r.rsplit("/", 1)[-1] in target_train_masks]
+    assert m["stages"][1]["best_val_dice"] is None  # no selection on target labels
+    assert set(m["cases"]) == {"b10", "b11"}  # evaluated on the target test split
+
+
+def test_recipe_rules_for_source_free_stages(tmp_path):
+    root = write_two_domain_folder(tmp_path / "two")
+    raw = sfda_recipe(root, "bn_sfda")
+    raw["stages"][1]["data"]["budget"] = {"all": True}
+    with pytest.raises(RecipeError, match="takes no target labels"):
+        parse_recipe(raw)
+    raw = sfda_recipe(root, "bn_sfda")
+    raw["stages"][1]["data"]["domain"] = "a"
+    with pytest.raises(RecipeError, match="source data must not reach a source-free stage"):
+        parse_recipe(raw)
+    raw = sfda_recipe(root, "upl_sfda")
+    raw["stages"] = raw["stages"][1:]
+    with pytest.raises(RecipeError, match="needs a source model"):
+        parse_recipe(raw)
+
+
+def test_checkpoint_with_other_class_count_is_refused(tmp_path):
+    from label_efficient.lightning import CheckpointMismatchError
+
+    root = write_two_domain_folder(tmp_path / "two")
+    run_recipe(parse_recipe(sfda_recipe(root, "bn_sfda")), tmp_path / "src")
+    raw = sfda_recipe(root, "bn_sfda")
+    raw["stages"] = raw["stages"][1:]
+    raw["stages"][0]["init"] = str(tmp_path / "src/model.pt")
+    raw["data"]["options"]["num_classes"] = 4
+    with pytest.raises(CheckpointMismatchError, match="num_classes=3"):
+        run_recipe(parse_recipe(raw), tmp_path / "b")
+
+
+def test_single_image_target(tmp_path):
+    root = write_two_domain_folder(tmp_path / "two", n_per_domain=5)  # target train: 1 image
+    m = run_recipe(parse_recipe(sfda_recipe(root, "upl_sfda")), tmp_path / "run")
+    assert 0 <= m["mean_dice"] <= 1
