@@ -9,6 +9,7 @@ import torch
 from .data.readers import IMAGE_SUFFIXES, DataError, read_image_2d, read_volume
 from .data.store import resize_image
 from .evaluation import predict_volume
+from .ood import OODDetector, pooled_features
 from .data.loaders import EvalVolume
 from .utils import atomic_write_bytes
 
@@ -32,6 +33,8 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
     meta, data = blob["meta"], blob["data"]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    detector = OODDetector.from_state(blob["ood"]) if blob.get("ood") else None
+    ood_rows = []
     n = 0
     for f in _inputs(Path(input_path)):
         is_nifti = f.name.lower().endswith((".nii", ".nii.gz"))
@@ -52,7 +55,17 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
             vol = EvalVolume(f.stem, x, None, [], image.shape[1:])
             pred = predict_volume(model, vol, 2, multiple=getattr(model, "stride", 1))[0]
             _write_png(pred.astype(np.uint8), output / f"{f.stem}.png")
+            if detector is not None:
+                sc = detector.score(pooled_features(model, [x]))
+                ood_rows.append((f.name, float(sc["mahalanobis"][0]), float(sc["knn"][0]), bool(detector.flag(sc)[0])))
         n += 1
+    if ood_rows:
+        lines = ["file,mahalanobis,knn,flagged"] + [f"{a},{b:.4f},{c:.4f},{int(d)}" for a, b, c, d in ood_rows]
+        atomic_write_bytes(output / "ood_scores.csv", ("\n".join(lines) + "\n").encode())
+        flagged = [r[0] for r in ood_rows if r[3]]
+        print(f"OOD warning: {len(flagged)} of {len(ood_rows)} image(s) look unlike the training domain "
+              f"(Mahalanobis above the val threshold): {', '.join(flagged[:10])}" if flagged else
+              f"OOD check: all {len(ood_rows)} image(s) within the training domain's range")
     return n
 
 

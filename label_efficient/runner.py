@@ -31,6 +31,7 @@ from .data import CaseStore, DatasetSpec, StepBatches, Stream, build_dataset, ev
 from .data.loaders import volume_loader
 from .data.readers import DataError
 from .evaluation import evaluate
+from .ood import OODDetector, pooled_features
 from .lightning import AtomicCheckpointIO, StrategyModule, check_meta, load_state
 from .recipe import DataConfig, Recipe
 from .strategies import STRATEGIES, Strategy
@@ -191,11 +192,17 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     metrics = evaluate(strategy.predict, test, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
                        ev.metrics, roi_size=ctx.cfg.patch_size, device=device, overlap=ev.sw_overlap, keep=ev.overlays)
     predictions = metrics.pop("predictions", [])
+    detector = fit_ood(strategy.export_model(), ctx, device) if ctx.spec.spatial_dims == 2 else None
+    if detector is not None:
+        for vol in test:
+            sc = detector.score(pooled_features(strategy.export_model(), [vol.image], device))
+            metrics["cases"][vol.id]["ood"] = {k: float(v.mean()) for k, v in sc.items()}
+            metrics["cases"][vol.id]["ood"]["flagged"] = bool(detector.flag(sc).any())
     metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split, "stages": stage_reports,
                "train_seconds": sum(s["seconds"] for s in stage_reports), "wall_seconds": time.time() - t_start,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "skipped_corrupt": ctx.store.skipped}
-    save_bundle(out / "model.pt", strategy.export_model(), recipe, ctx)
+    save_bundle(out / "model.pt", strategy.export_model(), recipe, ctx, detector)
     atomic_write_json(out / "metrics.json", metrics)
     from .reporting import learning_curve, overlays
 
@@ -204,9 +211,27 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     return metrics
 
 
-def save_bundle(path: Path, model: torch.nn.Module, recipe: Recipe, ctx: DataContext) -> None:
-    """Self-contained inference bundle: backbone spec, preprocessing and weights (loadable weights-only)."""
+def fit_ood(model: torch.nn.Module, ctx: DataContext, device, max_images: int = 1000) -> OODDetector | None:
+    """Fit the OOD detector on the stage's training images (labelled + unlabelled, no labels used) and set its
+    threshold on the validation images; ``None`` when the model has no ``bottleneck`` tap point."""
+    if "bottleneck" not in getattr(model, "tap_points", {}):
+        return None
+    train = ctx.labeled + ctx.unlabeled
+    keep = np.random.default_rng(0).permutation(len(train))[:max_images]
+    train = [train[i] for i in sorted(keep)]
+    val = ctx.spec.select(ctx.cfg.val_split, ctx.cfg.domain) if ctx.cfg.val_split else []
+    images = lambda cases: [torch.from_numpy(np.stack([ctx.store.get(c, False).image for c in cases[i:i + 32]]))
+                            for i in range(0, len(cases), 32)]
+    return OODDetector().fit(pooled_features(model, images(ctx.store.load(train, False)), device),
+                             pooled_features(model, images(ctx.store.load(val, False)), device))
+
+
+def save_bundle(path: Path, model: torch.nn.Module, recipe: Recipe, ctx: DataContext,
+                detector: OODDetector | None = None) -> None:
+    """Self-contained inference bundle: backbone spec, preprocessing, weights and the OOD detector
+    (loadable weights-only)."""
     atomic_torch_save({
+        "ood": detector.state_dict() if detector is not None else None,
         "format": BUNDLE_FORMAT,
         "meta": {"backbone": recipe.backbone.name, **ctx.meta},
         "backbone": {"name": recipe.backbone.name, "kwargs": recipe.backbone.kwargs,
