@@ -1,8 +1,11 @@
-"""Per-volume evaluation: Dice, IoU, HD95, ASD per class (MONAI metrics), sliding window in 3D.
+"""Per-volume evaluation: Dice, IoU, HD95, ASD per class; MONAI sliding-window inference in 3D.
 
 2D data is predicted slice by slice at training size, resized back to each slice's own size and
-stacked into its volume (the ACDC protocol). Distances are in voxels (no spacing), as medpy is used
-in the published SSL protocols. A class absent from both prediction and ground truth scores Dice 1 and
+stacked into its volume (the ACDC protocol). Distances are in voxels (no spacing) and follow medpy's
+definitions used by the published SSL protocols: HD95 is the 95th percentile of the pooled symmetric
+surface distances, ASD the mean of the two directed mean surface distances. They are computed with SciPy's
+Euclidean distance transform (MONAI's ``compute_hausdorff_distance`` took ~1 s per 600×500 image here, 50×
+slower); Dice and IoU are exact counts. A class absent from both prediction and ground truth scores Dice 1 and
 distance 0; absent from exactly one, Dice 0 and no distance (NaN, left out of the distance means).
 """
 from __future__ import annotations
@@ -58,26 +61,38 @@ def predict_volume(predict: Callable[[torch.Tensor], torch.Tensor], volume: Eval
     return logits.argmax(1).numpy()
 
 
-def _one(pred: np.ndarray, gt: np.ndarray, metric: str) -> float:
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+def _surface_distances(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from the surface voxels of ``a`` to the surface of ``b`` and back (full connectivity)."""
+    from scipy import ndimage
 
-    p, g = pred.sum() > 0, gt.sum() > 0
-    if metric in ("dice", "iou"):
+    structure = ndimage.generate_binary_structure(a.ndim, a.ndim)
+    sa = a ^ ndimage.binary_erosion(a, structure, border_value=0)
+    sb = b ^ ndimage.binary_erosion(b, structure, border_value=0)
+    return ndimage.distance_transform_edt(~sb)[sa], ndimage.distance_transform_edt(~sa)[sb]
+
+
+def _class_metrics(pred: np.ndarray, gt: np.ndarray, metrics: list[str]) -> dict[str, float]:
+    p, g = bool(pred.any()), bool(gt.any())
+    out = {}
+    if "dice" in metrics or "iou" in metrics:
+        inter, total = float(np.logical_and(pred, gt).sum()), float(pred.sum() + gt.sum())
+        if "dice" in metrics:
+            out["dice"] = 2 * inter / total if total else 1.0
+        if "iou" in metrics:
+            out["iou"] = inter / (total - inter) if total else 1.0
+    distances = [m for m in metrics if m in ("hd95", "asd")]
+    if distances:
         if not p and not g:
-            return 1.0
-        inter = float(np.logical_and(pred, gt).sum())
-        if metric == "dice":
-            return 2 * inter / float(pred.sum() + gt.sum())
-        return inter / float(np.logical_or(pred, gt).sum())
-    if not p and not g:
-        return 0.0
-    if not (p and g):
-        return math.nan
-    pt = torch.from_numpy(np.ascontiguousarray(pred))[None, None].float()
-    gtt = torch.from_numpy(np.ascontiguousarray(gt))[None, None].float()
-    if metric == "hd95":
-        return float(compute_hausdorff_distance(pt, gtt, include_background=True, percentile=95)[0, 0])
-    return float(compute_average_surface_distance(pt, gtt, include_background=True, symmetric=True)[0, 0])
+            out.update({m: 0.0 for m in distances})
+        elif not (p and g):
+            out.update({m: math.nan for m in distances})
+        else:
+            d_pg, d_gp = _surface_distances(pred, gt)
+            if "hd95" in metrics:
+                out["hd95"] = float(np.percentile(np.concatenate([d_pg, d_gp]), 95))
+            if "asd" in metrics:
+                out["asd"] = float((d_pg.mean() + d_gp.mean()) / 2)
+    return out
 
 
 def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int, metrics: Iterable[str] = METRICS) -> dict:
@@ -88,7 +103,8 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int, metrics: It
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; available: {METRICS}")
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
-    return {m: {c: _one(pred == c, gt == c, m) for c in range(1, num_classes)} for m in metrics}
+    per_class = {c: _class_metrics(pred == c, gt == c, metrics) for c in range(1, num_classes)}
+    return {m: {c: per_class[c][m] for c in per_class} for m in metrics}
 
 
 def summarize(per_case: dict[str, dict], class_names: Sequence[str]) -> dict:

@@ -41,3 +41,17 @@ def test_pad_to_multiple_roundtrip():
     p, unpad = pad_to_multiple(x, 8)
     assert p.shape == (1, 1, 32, 24)
     assert torch.equal(unpad(p), x)
+
+
+def test_hd95_matches_monai_on_a_simple_case():
+    from monai.metrics import compute_hausdorff_distance
+
+    rng = np.random.default_rng(0)
+    gt = np.zeros((40, 40), bool)
+    gt[10:30, 8:28] = True
+    pred = np.zeros_like(gt)
+    pred[12:33, 10:30] = True
+    ours = case_metrics(pred.astype(int), gt.astype(int), 2, ["hd95"])["hd95"][1]
+    ref = float(compute_hausdorff_distance(torch.from_numpy(pred)[None, None].float(),
+                                           torch.from_numpy(gt)[None, None].float(), percentile=95)[0, 0])
+    assert ours == pytest.approx(ref, abs=1.01)  # medpy pools both directions; MONAI takes the max of the two
