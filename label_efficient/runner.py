@@ -214,9 +214,10 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
 def fit_ood(model: torch.nn.Module, ctx: DataContext, device, max_images: int = 1000) -> OODDetector | None:
     """Fit the OOD detector on the stage's training images (labelled + unlabelled, no labels used) and set its
     threshold on the validation images; ``None`` when the model has no ``bottleneck`` tap point."""
-    if "bottleneck" not in getattr(model, "tap_points", {}):
-        return None
     train = ctx.labeled + ctx.unlabeled
+    if "bottleneck" not in getattr(model, "tap_points", {}) or len(train) < 2:
+        log.warning("no OOD detector: needs a 'bottleneck' tap point and at least 2 training images")
+        return None
     keep = np.random.default_rng(0).permutation(len(train))[:max_images]
     train = [train[i] for i in sorted(keep)]
     val = ctx.spec.select(ctx.cfg.val_split, ctx.cfg.domain) if ctx.cfg.val_split else []
