@@ -56,11 +56,12 @@ DEFAULT_ROWS = ["supervised:labeled_3", "supervised:labeled_7", "supervised:all"
                 "mean_teacher:labeled_3", "mean_teacher:labeled_7"]
 
 
-def run_row(row: str, runs: Path) -> dict:
+def run_row(row: str, runs: Path, build=None, protocol: dict | None = None) -> dict:
+    """Run one ``strategy:budget`` row in a single-thread subprocess (resumable) and summarise its metrics."""
     strategy, labeled = row.split(":")
     out = runs / f"{strategy}_{labeled}"
     spec = runs / f"{strategy}_{labeled}.json"
-    spec.write_text(json.dumps(recipe(strategy, labeled)))
+    spec.write_text(json.dumps((build or recipe)(strategy, labeled)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     code = ("import json,sys,torch; torch.set_num_threads(1);"
             "from label_efficient.recipe import parse_recipe; from label_efficient.runner import run_recipe;"
@@ -74,34 +75,35 @@ def run_row(row: str, runs: Path) -> dict:
     return {"strategy": strategy, "labeled": labeled, "mean_dice": round(m["mean_dice"], 4),
             "hd95": round(m["mean_hd95"], 2), "per_class_dice": {k: round(v, 4) for k, v in m["per_class"]["dice"].items()},
             "steps": steps, "train_seconds": round(m["train_seconds"], 1), "peak_rss_mb": round(m["peak_rss_mb"], 1),
-            "threads": 1, "protocol": {k: v for k, v in PROTOCOL.items() if k != "trainer"}}
+            "threads": 1, "protocol": {k: v for k, v in (protocol or PROTOCOL).items() if k != "trainer"}}
 
 
-def load_rows() -> list[dict]:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+def load_rows(path: Path = RESULTS) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
 
 
-def save_rows(new: list[dict]) -> list[dict]:
-    rows = {(r["strategy"], r["labeled"]): r for r in load_rows()}
+def save_rows(new: list[dict], path: Path = RESULTS) -> list[dict]:
+    rows = {(r["strategy"], r["labeled"]): r for r in load_rows(path)}
     rows.update({(r["strategy"], r["labeled"]): r for r in new})
     order = ["supervised", "mean_teacher", "bcp", "dsaif"]
     out = sorted(rows.values(), key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else 99, r["labeled"]))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
 def table(rows: list[dict]) -> str:
+    """Markdown table; class columns come from the rows' ``per_class_dice``."""
     sup = {r["labeled"]: r["mean_dice"] for r in rows if r["strategy"] == "supervised"}
-    lines = ["| strategy | labelled | mean Dice | RV | MYO | LV | HD95 (px) | gap closed | steps | train s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    classes = list(dict.fromkeys(c for r in rows for c in r.get("per_class_dice", {})))
+    lines = [f"| strategy | labelled | mean Dice | {' | '.join(classes)} | HD95 (px) | gap closed | steps | train s | "
+             "peak RSS MB |", "|---" * (8 + len(classes)) + "|"]
     for r in rows:
         gap = ""
         if r["strategy"] != "supervised" and r["labeled"] in sup and "all" in sup:
             gap = f"{100 * (r['mean_dice'] - sup[r['labeled']]) / (sup['all'] - sup[r['labeled']]):.0f} %"
-        pc = r.get("per_class_dice", {})
-        lines.append(f"| {r['strategy']} | {r['labeled']} | {r['mean_dice']:.4f} | {pc.get('RV', float('nan')):.3f} | "
-                     f"{pc.get('MYO', float('nan')):.3f} | {pc.get('LV', float('nan')):.3f} | {r['hd95']:.2f} | {gap} | "
+        pc = " | ".join(f"{r.get('per_class_dice', {}).get(c, float('nan')):.3f}" for c in classes)
+        lines.append(f"| {r['strategy']} | {r['labeled']} | {r['mean_dice']:.4f} | {pc} | {r['hd95']:.2f} | {gap} | "
                      f"{r['steps']} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -134,6 +136,16 @@ def write_markdown(rows: list[dict]) -> None:
                f"{SP['adapt_steps']} steps per method on unlabelled target train images, last checkpoint (no target "
                "labels for selection). Dice/HD95 on the target test split, per image. drop recovered = (adapted − "
                "source-only) / (oracle − source-only).", "", sfda_table(json.loads(sfda.read_text())), ""]
+    la = HERE / "results" / "la_cpu.json"
+    if la.exists():
+        from la_cpu import PROTOCOL as LP
+
+        md += ["## LA 3D, short CPU protocol", "",
+               f"Regenerate: `python benchmarks/la_cpu.py`. LA subset (16 train / 8 test volumes, no val: last "
+               f"checkpoint), random {LP['patch_size']} crops, 3D U-Net {LP['backbone']['kwargs']['channels']}, batch "
+               f"{LP['batch_size']['labeled']} + {LP['batch_size']['unlabeled']}, {LP['steps']} steps, sliding-window "
+               "test (overlap 0.5); Dice and HD95 in voxels on the 8 test volumes. Not comparable to published LA numbers "
+               "(80 train / 20 test volumes, 15k+ iterations).", "", table(load_rows(la)), ""]
     if SPEED_RESULTS.exists():
         speed = json.loads(SPEED_RESULTS.read_text())
         md += ["## Step overhead against a raw PyTorch loop", "",

@@ -35,38 +35,45 @@ def model():
     return build_backbone("unet", 2, 1, 4, channels=[16, 32, 64, 128, 256], num_res_units=0)
 
 
-def raw_supervised(data, steps):
-    """The hand-written loop a user would write: forward, ½(CE+Dice), backward, step."""
-    from monai.losses import DiceCELoss
-
-    net = model().train()
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+def _timed(data, steps, step) -> float:
+    """Steps per second of ``step(i, batch)`` over ``data``, after 5 warm-up steps."""
     t0 = 0.0
     for i, b in enumerate(data[:steps]):
         if i == 5:
             t0 = time.perf_counter()
+        step(i, b)
+    return (steps - 5) / (time.perf_counter() - t0)
+
+
+def _loss_fn():
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
+
+
+def raw_supervised(data, steps):
+    """The hand-written loop a user would write: forward, ½(CE+Dice), backward, step."""
+    net, loss_fn = model().train(), _loss_fn()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+
+    def step(i, b):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = loss_fn(net(b["labeled"]["image"]), b["labeled"]["label"][:, None])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return (steps - 5) / (time.perf_counter() - t0)
+
+    return _timed(data, steps, step)
 
 
 def raw_mean_teacher(data, steps):
     import copy
 
-    from monai.losses import DiceCELoss
-
-    net = model().train()
+    net, loss_fn = model().train(), _loss_fn()
     teacher = copy.deepcopy(net).eval()
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    t0 = 0.0
-    for i, b in enumerate(data[:steps]):
-        if i == 5:
-            t0 = time.perf_counter()
+
+    def step(i, b):
         xl, yl, xu = b["labeled"]["image"], b["labeled"]["label"], b["unlabeled"]["image"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = net(torch.cat([xl, xu]))
@@ -81,7 +88,8 @@ def raw_mean_teacher(data, steps):
                 pt.mul_(0.99).add_(ps, alpha=0.01)
             for bt, bs in zip(teacher.buffers(), net.buffers()):
                 bt.copy_(bs) if not bt.dtype.is_floating_point else bt.mul_(0.99).add_(bs, alpha=0.01)
-    return (steps - 5) / (time.perf_counter() - t0)
+
+    return _timed(data, steps, step)
 
 
 def strategy_loop(name, data, steps):
@@ -91,17 +99,16 @@ def strategy_loop(name, data, steps):
     s.setup(steps)
     s.train()
     opt = torch.optim.AdamW(s.trainable_parameters(), lr=3e-3)
-    t0 = 0.0
-    for i, b in enumerate(data[:steps]):
-        if i == 5:
-            t0 = time.perf_counter()
+
+    def step(i, b):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = s.training_step(b, i)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         s.after_optimizer_step(i)
-    return (steps - 5) / (time.perf_counter() - t0)
+
+    return _timed(data, steps, step)
 
 
 class _Timer:

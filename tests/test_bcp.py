@@ -3,7 +3,8 @@ import torch
 
 from label_efficient.backbones import build_backbone
 from label_efficient.strategies import BCP, BCPPretrain
-from label_efficient.strategies.bcp import box_mask, copy_paste, largest_component, region_loss
+from label_efficient.strategies.bcp import box_mask, copy_paste, region_loss
+from label_efficient.transforms.components import largest_component_labels
 
 from test_strategies import disc_batch, plain_loop
 
@@ -57,7 +58,7 @@ def test_largest_component_per_class():
     lab[0, 0:2, 0:2] = 1  # small blob of class 1
     lab[0, 5:9, 5:9] = 1  # large blob of class 1
     lab[0, 0, 9] = 2
-    out = largest_component(lab, 3)
+    out = largest_component_labels(lab, 3)
     assert out[0, 0:2, 0:2].sum() == 0 and (out[0, 5:9, 5:9] == 1).all() and out[0, 0, 9] == 2
 
 

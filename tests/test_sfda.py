@@ -8,7 +8,8 @@ from label_efficient.recipe import RecipeError, parse_recipe
 from label_efficient.runner import run_recipe
 from label_efficient.strategies import BNSFDA, UPLSFDA, LabelLeakError
 from label_efficient.strategies.bn_sfda import NoBatchNormError
-from label_efficient.strategies.upl_sfda import largest_component_mask, masked_dice_loss
+from label_efficient.strategies.upl_sfda import masked_dice_loss
+from label_efficient.transforms.components import largest_component_mask
 
 from conftest import sfda_recipe, write_two_domain_folder
 from test_strategies import disc_batch

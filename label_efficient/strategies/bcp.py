@@ -14,12 +14,10 @@ batch-summed for 2D and 3D alike (the official LA Dice is per sample with a line
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
 
 from ..losses import weighted_ce, weighted_dice
+from ..transforms.components import largest_component_labels
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .ema import ema_update, make_teacher
 
@@ -41,20 +39,6 @@ def copy_paste(outside: torch.Tensor, inside: torch.Tensor, mask: torch.Tensor) 
     m = mask if outside.ndim == mask.ndim + 1 else mask.unsqueeze(0)
     m = m.to(outside.dtype) if outside.is_floating_point() else m.long()
     return outside * m + inside * (1 - m)
-
-
-def largest_component(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Keep, per sample and foreground class, only the largest connected component (full connectivity)."""
-    arr = labels.cpu().numpy()
-    out = np.zeros_like(arr)
-    structure = ndimage.generate_binary_structure(arr.ndim - 1, arr.ndim - 1)
-    for n in range(arr.shape[0]):
-        for c in range(1, num_classes):
-            comp, k = ndimage.label(arr[n] == c, structure)
-            if k:
-                sizes = np.bincount(comp.ravel())[1:]
-                out[n][comp == 1 + int(sizes.argmax())] = c
-    return torch.from_numpy(out).to(labels.device)
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, w_outside: float, w_inside: float,
@@ -115,7 +99,7 @@ class BCP(Strategy):
     def pseudo_label(self, x: torch.Tensor) -> torch.Tensor:
         self.teacher.train(not self.config.teacher_eval_mode)
         labels = self.teacher(x).argmax(1)
-        return largest_component(labels, self.num_classes) if self.config.largest_component else labels
+        return largest_component_labels(labels, self.num_classes) if self.config.largest_component else labels
 
     def training_step(self, batch, step):
         self.check_batch(batch)

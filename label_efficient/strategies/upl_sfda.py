@@ -16,27 +16,13 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 
 from ..backbones.taps import get_head, set_head
+from ..transforms.components import largest_component_mask
 from ..transforms.rotate import rotate_quarter, rotation_dims
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
-
-
-def largest_component_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Keep the largest connected component (full connectivity) of each sample and channel of a 0/1 mask."""
-    arr = mask.cpu().numpy().astype(bool)
-    out = np.zeros_like(arr)
-    structure = ndimage.generate_binary_structure(arr.ndim - 2, arr.ndim - 2)
-    for n in range(arr.shape[0]):
-        for c in range(arr.shape[1]):
-            comp, k = ndimage.label(arr[n, c], structure)
-            if k:
-                out[n, c] = comp == 1 + int(np.bincount(comp.ravel())[1:].argmax())
-    return torch.from_numpy(out).to(mask.device, mask.dtype)
 
 
 def masked_dice_loss(probs: torch.Tensor, pseudo: torch.Tensor, smooth: float = 1e-4) -> torch.Tensor:

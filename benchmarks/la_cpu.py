@@ -1,0 +1,60 @@
+"""LA 3D rows on a short CPU protocol (supervised vs BCP at ``labeled_4``): results/la_cpu.json + RESULTS.md.
+
+    python benchmarks/la_cpu.py [--rows supervised:labeled_4 bcp:labeled_4] [--jobs 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from acdc_cpu import load_rows, run_row, save_rows, write_markdown  # noqa: E402
+
+RESULTS = HERE / "results" / "la_cpu.json"
+PROTOCOL = {
+    "seed": 1337,
+    "patch_size": [80, 80, 48],
+    "backbone": {"name": "unet", "kwargs": {"channels": [16, 32, 64, 128], "num_res_units": 0}},
+    "trainer": {"precision": "bf16-mixed", "progress_bar": False, "log_every": 25},
+    "steps": 600,
+    "batch_size": {"labeled": 2, "unlabeled": 2},
+    "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001, "schedule": "poly"},
+}
+
+
+def recipe(strategy: str, labeled: str) -> dict:
+    p = PROTOCOL
+    common = {"val_every": 100, "batch_size": p["batch_size"], "optimizer": p["optimizer"]}
+    if strategy == "bcp":  # LA settings of the BCP code: EMA of parameters only, linear-denominator Dice
+        pre = p["steps"] // 4
+        stages = [{"strategy": "bcp_pretrain", "steps": pre, **common, "config": {"squared_dice": False}},
+                  {"strategy": "bcp", "steps": p["steps"] - pre, "init": "previous_last", **common,
+                   "config": {"ema_buffers": False, "squared_dice": False}}]
+    else:
+        stages = [{"strategy": strategy, "steps": p["steps"], **common}]
+    return {"name": f"la_cpu_{strategy}_{labeled}", "seed": p["seed"], "backbone": p["backbone"], "trainer": p["trainer"],
+            "data": {"dataset": "la_heart", "patch_size": p["patch_size"], "budget": {"flag": labeled}, "val_split": None},
+            "evaluation": {"metrics": ["dice", "hd95"], "overlays": 2}, "stages": stages}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", nargs="*", default=["supervised:labeled_4", "bcp:labeled_4"])
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--runs", default=str(HERE / "runs" / "la"))
+    args = ap.parse_args()
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for row in pool.map(lambda r: run_row(r, runs, recipe, PROTOCOL), args.rows):
+            print(json.dumps(row), flush=True)
+            save_rows([row], RESULTS)
+    write_markdown(load_rows())
+
+
+if __name__ == "__main__":
+    main()
