@@ -125,11 +125,8 @@ def direction(src: str, tgt: str, runs: Path, jobs: int) -> list[dict]:
     rows = []
 
     def row(method, m, seconds=None, steps=None, ood=None):
-        rec = None
-        if method not in ("source_only", "oracle"):
-            rec = round((m["mean_dice"] - so["mean_dice"]) / (oracle_m["mean_dice"] - so["mean_dice"]), 4)
         rows.append({"direction": f"{src}->{tgt}", "method": method, "mean_dice": round(m["mean_dice"], 4),
-                     "hd95": round(m["mean_hd95"], 2), "recovered": rec,
+                     "hd95": round(m["mean_hd95"], 2), "recovered": None,
                      "sec_per_adapt_step": round(seconds / steps, 4) if seconds else None, "ood_auroc": ood})
 
     row("source_only", so, ood=_ood_auroc(so["cases"]))
@@ -140,6 +137,18 @@ def direction(src: str, tgt: str, runs: Path, jobs: int) -> list[dict]:
     row("oracle", oracle_m, ood=_ood_auroc(oracle_m["cases"]))
     rows.append({"direction": f"{src}->{tgt}", "method": "source_on_source_test", "mean_dice": round(src_m["mean_dice"], 4),
                  "hd95": round(src_m["mean_hd95"], 2), "recovered": None, "sec_per_adapt_step": None, "ood_auroc": None})
+    return with_recovered(rows)
+
+
+def with_recovered(rows: list[dict]) -> list[dict]:
+    """Set "recovered" = (adapted − source-only) / (oracle − source-only); undefined (None) when the oracle does
+    not beat source-only, i.e. when there is no domain drop to recover."""
+    by = {(r["direction"], r["method"]): r["mean_dice"] for r in rows}
+    for r in rows:
+        so, orc = by.get((r["direction"], "source_only")), by.get((r["direction"], "oracle"))
+        adapted = r["method"] not in ("source_only", "oracle", "source_on_source_test")
+        ok = adapted and so is not None and orc is not None and orc > so
+        r["recovered"] = round((r["mean_dice"] - so) / (orc - so), 4) if ok else None
     return rows
 
 
@@ -148,6 +157,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         rec = f"{100 * r['recovered']:.0f} %" if r["recovered"] is not None else ""
+        if r["recovered"] is None and r["method"] not in ("source_only", "oracle", "source_on_source_test"):
+            rec = "n/a (oracle ≤ source-only)"
         sps = f"{r['sec_per_adapt_step']:.3f}" if r["sec_per_adapt_step"] else ""
         ood = f"{r['ood_auroc']:.3f}" if r["ood_auroc"] is not None else ""
         lines.append(f"| {r['direction']} | {r['method']} | {r['mean_dice']:.4f} | {r['hd95']:.2f} | {rec} | {sps} | {ood} |")
@@ -161,7 +172,7 @@ def main() -> None:
     ap.add_argument("--runs", default=str(HERE / "runs" / "sfda"))
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    rows = with_recovered(json.loads(RESULTS.read_text())) if RESULTS.exists() else []
     if not args.table_only:
         for d in args.directions:
             src, tgt = d.split(":")
@@ -169,6 +180,7 @@ def main() -> None:
             rows = [r for r in rows if r["direction"] != f"{src}->{tgt}"] + new
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+    RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
     sys.path.insert(0, str(HERE))
     from acdc_cpu import load_rows, write_markdown
 

@@ -1,7 +1,7 @@
 """Step overhead: a strategy in our Lightning module and in a plain loop, against a raw PyTorch loop doing the
 same forward/backward passes on the same pre-built batches (ACDC slices at the ACDC-CPU protocol's size).
 
-    python benchmarks/speed.py [--steps 60] [--threads 2]
+    python benchmarks/speed.py [--steps 100] [--threads 2] [--repeats 3]
 
 Run it alone on the machine: another busy process changes the numbers by 20–40× on 2 cores.
 """
@@ -171,7 +171,7 @@ def lightning_loop(name, data, steps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="best of N per measurement")
     args = ap.parse_args()
