@@ -85,7 +85,6 @@ def _ood_auroc(cases: dict) -> float:
 
 def source_only(source_dir: Path, target: str) -> dict:
     """The source model.pt (with its source-fitted OOD detector) on the target test split."""
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)

@@ -51,10 +51,17 @@ def _loss_fn():
     return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, batch=True, lambda_dice=0.5, lambda_ce=0.5)
 
 
+def _student_teacher():
+    """A fresh student, its frozen copy, ½(CE+Dice) and AdamW — the setup every raw loop shares."""
+    import copy
+
+    net = model().train()
+    return net, copy.deepcopy(net).eval(), _loss_fn(), torch.optim.AdamW(net.parameters(), lr=3e-3)
+
+
 def raw_supervised(data, steps):
     """The hand-written loop a user would write: forward, ½(CE+Dice), backward, step."""
-    net, loss_fn = model().train(), _loss_fn()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    net, _, loss_fn, opt = _student_teacher()
 
     def step(i, b):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -67,11 +74,7 @@ def raw_supervised(data, steps):
 
 
 def raw_mean_teacher(data, steps):
-    import copy
-
-    net, loss_fn = model().train(), _loss_fn()
-    teacher = copy.deepcopy(net).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    net, teacher, loss_fn, opt = _student_teacher()
 
     def step(i, b):
         xl, yl, xu = b["labeled"]["image"], b["labeled"]["label"], b["unlabeled"]["image"]
@@ -95,11 +98,7 @@ def raw_mean_teacher(data, steps):
 def raw_bcp_passes(data, steps):
     """Only the network passes a BCP self-training step needs: teacher on u and v (no grad), student
     forward/backward on the two mixed halves, ½(CE+Dice) — no box mask, mixing or component cleaning."""
-    import copy
-
-    net, loss_fn = model().train(), _loss_fn()
-    teacher = copy.deepcopy(net).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    net, teacher, loss_fn, opt = _student_teacher()
 
     def step(i, b):
         xl, yl, xu = b["labeled"]["image"], b["labeled"]["label"], b["unlabeled"]["image"]

@@ -1,7 +1,6 @@
 """Lightning adapter: one ``LightningModule`` drives any :class:`~label_efficient.strategies.Strategy`."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -133,6 +132,3 @@ def load_state(module: torch.nn.Module, state: dict, what: str) -> None:
         first = str(e).splitlines()[0:3]
         raise CheckpointMismatchError(f"{what} does not fit this network: {' '.join(first)}") from None
 
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else math.nan

@@ -14,13 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import resource
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -192,17 +190,18 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     metrics = evaluate(strategy.predict, test, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
                        ev.metrics, roi_size=ctx.cfg.patch_size, device=device, overlap=ev.sw_overlap, keep=ev.overlays)
     predictions = metrics.pop("predictions", [])
-    detector = fit_ood(strategy.export_model(), ctx, device) if ctx.spec.spatial_dims == 2 else None
+    exported = strategy.export_model()
+    detector = fit_ood(exported, ctx, device) if ctx.spec.spatial_dims == 2 else None
     if detector is not None:
         for vol in test:
-            sc = detector.score(pooled_features(strategy.export_model(), [vol.image], device))
+            sc = detector.score(pooled_features(exported, [vol.image], device))
             metrics["cases"][vol.id]["ood"] = {k: float(v.mean()) for k, v in sc.items()}
             metrics["cases"][vol.id]["ood"]["flagged"] = bool(detector.flag(sc).any())
     metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split, "stages": stage_reports,
                "train_seconds": sum(s["seconds"] for s in stage_reports), "wall_seconds": time.time() - t_start,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "skipped_corrupt": ctx.store.skipped}
-    save_bundle(out / "model.pt", strategy.export_model(), recipe, ctx, detector)
+    save_bundle(out / "model.pt", exported, recipe, ctx, detector)
     atomic_write_json(out / "metrics.json", metrics)
     from .reporting import learning_curve, overlays
 

@@ -46,7 +46,6 @@ def test_pad_to_multiple_roundtrip():
 def test_hd95_matches_monai_on_a_simple_case():
     from monai.metrics import compute_hausdorff_distance
 
-    rng = np.random.default_rng(0)
     gt = np.zeros((40, 40), bool)
     gt[10:30, 8:28] = True
     pred = np.zeros_like(gt)

@@ -1,9 +1,7 @@
 """The quickstart notebook is executed on tiny settings so it never rots."""
-import os
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from conftest import requires_shared

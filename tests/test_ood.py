@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from label_efficient.backbones import build_backbone

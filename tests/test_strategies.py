@@ -6,7 +6,7 @@ import torch
 from label_efficient.backbones import build_backbone
 from label_efficient.losses import sigmoid_rampup, weighted_dice
 from label_efficient.strategies import STRATEGIES, LabelLeakError, MeanTeacher, Supervised, build_strategy
-from label_efficient.strategies.ema import ema_update, make_teacher
+from label_efficient.strategies.ema import ema_update
 
 from conftest import disc_image
 
