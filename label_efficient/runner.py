@@ -154,12 +154,17 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                                   seed=recipe.seed + 7919 * i, augment=ctx.cfg.augment, patch_size=ctx.cfg.patch_size,
                                   image_transform=strategy.image_transform())
             val = ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases) if strategy_cls.needs_labeled else []
-            ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor="val/mean_dice" if val else None,
-                                   mode="max", save_last=True, save_top_k=1, enable_version_counter=False,
-                                   save_on_train_epoch_end=not val)
+            # last.ckpt is written at the end of every epoch's validation (or every epoch's last step without
+            # val): Lightning's own save_last refreshes it only when a new best is saved, and a checkpoint taken
+            # in on_train_epoch_end does not resume bit-identically.
+            last_ckpt = ModelCheckpoint(dirpath=sdir, filename="last", monitor=None, save_top_k=1,
+                                        enable_version_counter=False, save_on_train_epoch_end=False,
+                                        **({} if val else {"every_n_train_steps": stage.val_every}))
+            ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor="val/mean_dice", mode="max", save_top_k=1,
+                                   enable_version_counter=False, save_on_train_epoch_end=False) if val else None
             trainer = pl.Trainer(
                 accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,
-                precision=recipe.trainer.precision, max_steps=stage.steps, max_epochs=-1, callbacks=[ckpt],
+                precision=recipe.trainer.precision, max_steps=stage.steps, max_epochs=-1, callbacks=[last_ckpt, ckpt] if val else [last_ckpt],
                 logger=CSVLogger(sdir, name="", version=""), log_every_n_steps=recipe.trainer.log_every,
                 num_sanity_val_steps=0, limit_val_batches=1.0 if val else 0, enable_progress_bar=recipe.trainer.progress_bar,
                 plugins=[AtomicCheckpointIO()], enable_model_summary=False, default_root_dir=sdir,
@@ -173,8 +178,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                             val_dataloaders=volume_loader(val) if val else None,
                             ckpt_path=str(last) if resume and last.exists() else None, weights_only=True)
             best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
-            atomic_write_json(done, {"best": best_path.name, "best_val_dice": float(ckpt.best_model_score)
-                                     if ckpt.best_model_score is not None else None,
+            score = ckpt.best_model_score if val else None
+            atomic_write_json(done, {"best": best_path.name, "best_val_dice": float(score) if score is not None else None,
                                      "seconds": time.time() - t0, "steps": stage.steps})
         info = json.loads(done.read_text())
         strategy.load_state_dict(_strategy_state(sdir / "last.ckpt"))

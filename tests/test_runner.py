@@ -48,8 +48,10 @@ class Boom(RuntimeError):
     pass
 
 
-def test_resume_gives_same_metrics(image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("val_split", ["val", None], ids=["with_val", "without_val"])
+def test_resume_gives_same_metrics(image_folder, tmp_path, monkeypatch, val_split):
     raw = tiny_recipe(image_folder, steps=9, val_every=3)
+    raw["data"]["val_split"] = val_split
     full = run_recipe(parse_recipe(raw), tmp_path / "full")
     real = Supervised.training_step
 
@@ -65,6 +67,8 @@ def test_resume_gives_same_metrics(image_folder, tmp_path, monkeypatch):
     assert not (tmp_path / "cut/metrics.json").exists()
     monkeypatch.setattr(Supervised, "training_step", real)
     resumed = run_recipe(parse_recipe(raw), tmp_path / "cut", resume=True)
+    for run in ("full", "cut"):  # last.ckpt is the final step even when the best val score came earlier
+        assert torch.load(tmp_path / run / "stage0_supervised/last.ckpt", weights_only=True)["global_step"] == 9
     assert resumed["mean_dice"] == pytest.approx(full["mean_dice"], abs=1e-6)
     a = torch.load(tmp_path / "full/model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut/model.pt", weights_only=True)["state_dict"]
