@@ -51,11 +51,23 @@ def _supervised(steps: int) -> dict:
             "optimizer": p["train_opt"]}
 
 
-def _adapt(strategy: str, init: str, target: str) -> dict:
+def _adapt(strategy: str, init: str, target: str, config: dict | None = None) -> dict:
     p = PROTOCOL
     return {"strategy": strategy, "steps": p["adapt_steps"], "val_every": 100, "init": init,
             "data": {"domain": target}, "batch_size": {"unlabeled": p["batch"]},
-            "optimizer": p["bn_opt"] if strategy == "bn_sfda" else p["upl_opt"]}
+            "optimizer": p["bn_opt"] if strategy == "bn_sfda" else p["upl_opt"], "config": config or {}}
+
+
+#: adaptation methods: row name -> (run folder, stages as (strategy, config)); later stages start from the
+#: previous stage's last weights. The last three are ablations of one setting each.
+METHODS = {
+    "bn_sfda": ("bn_sfda", [("bn_sfda", {})]),
+    "upl_sfda": ("upl_sfda", [("upl_sfda", {})]),
+    "bn_sfda+upl_sfda": ("bn_upl_sfda", [("bn_sfda", {}), ("upl_sfda", {})]),
+    "bn_sfda (no entropy)": ("bn_sfda_no_entropy", [("bn_sfda", {"entropy_weight": 0.0})]),
+    "upl_sfda (frozen BN)": ("upl_sfda_frozen_bn", [("upl_sfda", {"bn_mode": "frozen"})]),
+    "bn_sfda+upl_sfda (frozen BN)": ("bn_upl_sfda_frozen_bn", [("bn_sfda", {}), ("upl_sfda", {"bn_mode": "frozen"})]),
+}
 
 
 def _run(recipe: dict, out: Path) -> dict:
@@ -112,12 +124,10 @@ def direction(src: str, tgt: str, runs: Path, jobs: int) -> list[dict]:
         fut_orc = pool.submit(_run, _recipe(f"{tag}_oracle", tgt, [_supervised(PROTOCOL["source_steps"])]), oracle_dir)
         src_m = fut_src.result()
         model = str(src_dir / "model.pt")
-        adapted = {
-            "bn_sfda": pool.submit(_run, _recipe(f"{tag}_bn", tgt, [_adapt("bn_sfda", model, tgt)]), base / "bn_sfda"),
-            "upl_sfda": pool.submit(_run, _recipe(f"{tag}_upl", tgt, [_adapt("upl_sfda", model, tgt)]), base / "upl_sfda"),
-        }
-        both = _recipe(f"{tag}_bn_upl", tgt, [_adapt("bn_sfda", model, tgt), _adapt("upl_sfda", "previous_last", tgt)])
-        adapted["bn_sfda+upl_sfda"] = pool.submit(_run, both, base / "bn_upl_sfda")
+        adapted = {}
+        for method, (folder, plan) in METHODS.items():
+            stages = [_adapt(st, model if j == 0 else "previous_last", tgt, cfg) for j, (st, cfg) in enumerate(plan)]
+            adapted[method] = pool.submit(_run, _recipe(f"{tag}_{folder}", tgt, stages), base / folder)
         oracle_m = fut_orc.result()
         adapted = {k: f.result() for k, f in adapted.items()}
     so = source_only(src_dir, tgt)

@@ -135,6 +135,23 @@ def test_upl_rotation_heads_are_back_in_frame():
     assert torch.allclose(s.predict(x), torch.stack(probs).mean(0))
 
 
+def test_upl_head_group_and_frozen_bn():
+    s = UPLSFDA(source_model(), 3, bn_mode="frozen")
+    groups = s.trainable_parameters()
+    opt = torch.optim.Adam(groups, lr=1e-3)
+    assert opt.param_groups[1]["betas"] == (0.5, 0.999) and opt.param_groups[0]["betas"] == (0.9, 0.999)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in s.heads.parameters()}
+    bn = batchnorm_layers(s.model)[0][1]
+    before = bn.running_mean.clone()
+    s.train()
+    s.training_step(target_batch(), 0)
+    assert not bn.training and torch.equal(bn.running_mean, before)  # frozen: statistics kept
+    s2 = UPLSFDA(source_model(), 3)
+    s2.train()
+    s2.training_step(target_batch(), 0)
+    assert not torch.equal(batchnorm_layers(s2.model)[0][1].running_mean, before)  # train mode: re-estimated
+
+
 def test_masked_dice_counts_only_pseudo_labelled_pixels():
     p = torch.zeros(1, 2, 4, 4)
     p[:, 1] = 1.0

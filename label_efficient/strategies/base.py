@@ -82,8 +82,9 @@ class Strategy(nn.Module):
         return None
 
     # -- parameters and inference ----------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimizer updates (default: the student's)."""
+    def trainable_parameters(self) -> list[nn.Parameter] | list[dict]:
+        """Parameters the optimizer updates (default: the student's), or torch parameter groups (dicts with
+        ``params`` and per-group options such as ``betas``) when the paper sets options per network part."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @torch.no_grad()

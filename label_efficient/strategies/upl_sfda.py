@@ -7,19 +7,22 @@ input rotated by r_k·90° (r = 1, 2, 3, 0) and its softmax is rotated back. Per
   2. Pass 2 (grad): recompute p_k; L_TFS = mean_{k,c} 1 − (2Σ q·Y_c + s)/(ΣY_c + Σq² + s), q = p_kc ⊙ Y_c, s = 1e-4
      (twice-forward supervision: only pixels pseudo-labelled c count for class c).
   3. L = L_TFS + λ·L_ME with L_ME = −Σ p̄ log₂(p̄ + 1e-10)/(N·C·|Ω|), the entropy of the head mean.
-Inference averages the K rotated heads. Departures from the official code (spec pitfalls): BN runs in train mode
-during adaptation and eval mode at test; only the final 1×1 head is cloned (the official code clones the whole
-decoder, which a generic backbone does not expose); no checkpoint is chosen on target labels (fixed step count).
-One Adam optimizer for all parameters (the official code uses betas (0.5, 0.999) for the heads).
+Inference averages the K rotated heads. The heads form their own optimizer parameter group with Adam betas
+(0.5, 0.999), the rest of the network the optimizer's defaults (official code). Departures from the official code
+(spec pitfalls): BN runs in train mode during adaptation by default (``bn_mode="frozen"`` keeps the incoming
+running statistics, which is what the official code effectively does from its second epoch on) and in eval mode at
+test; only the final 1×1 head is cloned (the official code clones the whole decoder, which a generic backbone does
+not expose); no checkpoint is chosen on target labels (fixed step count).
 """
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ..backbones.taps import get_head, set_head
+from ..backbones.taps import batchnorm_layers, get_head, set_head
 from ..transforms.components import largest_component_mask
 from ..transforms.rotate import rotate_quarter, rotation_dims
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
@@ -39,6 +42,8 @@ class UPLSFDAConfig(StrategyConfig):
     entropy_weight: float = 1.0  #: λ
     largest_component: bool = True
     dice_smooth: float = 1e-4
+    bn_mode: Literal["train", "frozen"] = "train"  #: BN batch statistics during adaptation, or the incoming ones (R)
+    head_betas: tuple[float, float] = (0.5, 0.999)  #: Adam betas of the heads' parameter group (C)
 
 
 @register_strategy("upl_sfda")
@@ -68,8 +73,17 @@ class UPLSFDA(Strategy):
             out.append(rotate_quarter(p, (-r) % 4, dims))
         return out
 
+    def trainable_parameters(self):
+        """Two parameter groups: the shared network, and the heads with their own Adam betas."""
+        heads = list(self.heads.parameters())
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]},
+                {"params": heads, "betas": self.config.head_betas}]
+
     def training_step(self, batch, step):
         self.check_batch(batch)
+        if self.config.bn_mode == "frozen":  # the loop switches to train mode each epoch: freeze BN per step
+            for _, bn in batchnorm_layers(self.model):
+                bn.eval()
         x = batch["unlabeled"]["image"]
         with torch.no_grad():
             mean = torch.stack(self.head_probs(x)).mean(0)
