@@ -92,6 +92,17 @@ def test_mean_teacher_rampup_and_logs():
     assert {"loss_sup", "loss_cons", "w_cons"} <= set(out.logs)
 
 
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_mean_teacher_bn_mode_of_teacher(eval_mode):
+    """Default (SSL4MIS): the teacher normalises its noisy input with batch statistics, even in an eval-mode loop."""
+    s = MeanTeacher(build_backbone("unet", 2, 1, 3, channels=[8, 16]), 3, teacher_eval_mode=eval_mode)
+    seen = []
+    s.teacher.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    s.eval()
+    s.training_step({"labeled": disc_batch(2, 0), "unlabeled": disc_batch(2, 1, False)}, 0)
+    assert seen == [not eval_mode]
+
+
 def test_label_leak_and_missing_stream():
     s = build_strategy("mean_teacher", build_backbone("unet", 2, 1, 3, channels=[8, 16]), 3)
     with pytest.raises(LabelLeakError):
