@@ -2,6 +2,7 @@
 
     python benchmarks/acdc_cpu.py                      # all rows (hours on 2 cores)
     python benchmarks/acdc_cpu.py --rows supervised:labeled_3 mean_teacher:labeled_7 --jobs 2
+    python benchmarks/acdc_cpu.py --rows supervised:labeled_7:1338 mean_teacher:labeled_7:1338   # another seed
     python benchmarks/acdc_cpu.py --table-only         # regenerate RESULTS.md from the JSON
 
 Each row runs in its own process with one thread (``--jobs 2`` runs two at once on a 2-core machine).
@@ -57,11 +58,14 @@ DEFAULT_ROWS = ["supervised:labeled_3", "supervised:labeled_7", "supervised:all"
 
 
 def run_row(row: str, runs: Path, build=None, protocol: dict | None = None) -> dict:
-    """Run one ``strategy:budget`` row in a single-thread subprocess (resumable) and summarise its metrics."""
-    strategy, labeled = row.split(":")
-    out = runs / f"{strategy}_{labeled}"
-    spec = runs / f"{strategy}_{labeled}.json"
-    spec.write_text(json.dumps((build or recipe)(strategy, labeled)))
+    """Run one ``strategy:budget[:seed]`` row in a single-thread subprocess (resumable) and summarise its metrics."""
+    strategy, labeled, *rest = row.split(":")
+    base_seed = (protocol or PROTOCOL)["seed"]
+    seed = int(rest[0]) if rest else base_seed
+    tag = f"{strategy}_{labeled}" + (f"_s{seed}" if seed != base_seed else "")
+    out, spec = runs / tag, runs / f"{tag}.json"
+    r = (build or recipe)(strategy, labeled)
+    spec.write_text(json.dumps({**r, "seed": seed}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     code = ("import json,sys,torch; torch.set_num_threads(1);"
             "from label_efficient.recipe import parse_recipe; from label_efficient.runner import run_recipe;"
@@ -72,7 +76,7 @@ def run_row(row: str, runs: Path, build=None, protocol: dict | None = None) -> d
         raise RuntimeError(f"row {row} failed:\n{proc.stderr[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
     steps = sum(s["steps"] for s in m["stages"])
-    return {"strategy": strategy, "labeled": labeled, "mean_dice": round(m["mean_dice"], 4),
+    return {"strategy": strategy, "labeled": labeled, "seed": seed, "mean_dice": round(m["mean_dice"], 4),
             "hd95": round(m["mean_hd95"], 2), "per_class_dice": {k: round(v, 4) for k, v in m["per_class"]["dice"].items()},
             "steps": steps, "train_seconds": round(m["train_seconds"], 1), "peak_rss_mb": round(m["peak_rss_mb"], 1),
             "threads": 1, "protocol": {k: v for k, v in (protocol or PROTOCOL).items() if k != "trainer"}}
@@ -82,18 +86,43 @@ def load_rows(path: Path = RESULTS) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+def _key(r: dict) -> tuple:
+    return r["strategy"], r["labeled"], r.get("seed", PROTOCOL["seed"])
+
+
 def save_rows(new: list[dict], path: Path = RESULTS) -> list[dict]:
-    rows = {(r["strategy"], r["labeled"]): r for r in load_rows(path)}
-    rows.update({(r["strategy"], r["labeled"]): r for r in new})
+    rows = {_key(r): r for r in load_rows(path)}
+    rows.update({_key(r): r for r in new})
     order = ["supervised", "mean_teacher", "bcp", "dsaif"]
-    out = sorted(rows.values(), key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else 99, r["labeled"]))
+    out = sorted(rows.values(), key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else 99,
+                                               r["labeled"], r.get("seed", PROTOCOL["seed"])))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
+def seed_table(rows: list[dict]) -> str:
+    """Mean ± sample s.d. of mean Dice and HD95 over the seeds run for each (strategy, budget) with several seeds."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["strategy"], r["labeled"]), []).append(r)
+    lines = ["| strategy | labelled | seeds | mean Dice (mean ± s.d.) | per seed | HD95 (mean ± s.d.) |",
+             "|---|---|---|---|---|---|"]
+    for (strategy, labeled), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        d, h = [r["mean_dice"] for r in rs], [r["hd95"] for r in rs]
+        lines.append(f"| {strategy} | {labeled} | {', '.join(str(r.get('seed', PROTOCOL['seed'])) for r in rs)} | "
+                     f"{statistics.mean(d):.4f} ± {statistics.stdev(d):.4f} | {', '.join(f'{x:.4f}' for x in d)} | "
+                     f"{statistics.mean(h):.2f} ± {statistics.stdev(h):.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown table; class columns come from the rows' ``per_class_dice``."""
+    """Markdown table of the protocol-seed rows; class columns come from the rows' ``per_class_dice``."""
+    rows = [r for r in rows if r.get("seed", PROTOCOL["seed"]) == PROTOCOL["seed"]]
     sup = {r["labeled"]: r["mean_dice"] for r in rows if r["strategy"] == "supervised"}
     classes = list(dict.fromkeys(c for r in rows for c in r.get("per_class_dice", {})))
     lines = [f"| strategy | labelled | mean Dice | {' | '.join(classes)} | HD95 (px) | gap closed | steps | train s | "
@@ -126,6 +155,11 @@ def write_markdown(rows: list[dict]) -> None:
         "gap closed = (strategy − supervised, same labels) / (supervised all − supervised, same labels).", "",
         table(rows), "",
     ]
+    spread = seed_table(rows)
+    if spread:
+        md += ["Seed spread (`--rows strategy:budget:seed`; the protocol seed is one of them): the same protocol "
+               "with other seeds, which change the initialisation, the labelled/unlabelled batch order and the "
+               "augmentation.", "", spread, ""]
     sfda = HERE / "results" / "sfda_polyp.json"
     if sfda.exists():
         from sfda_polyp import PROTOCOL as SP, table as sfda_table
