@@ -36,9 +36,19 @@ CEILING_STEPS = 6000
 BUDGETS = {"labeled_3": {"flag": "labeled_3"}, "labeled_7": {"flag": "labeled_7"}, "all": {"all": True}}
 
 
+#: Named variants: a row name mapped to a registered strategy and the settings it changes from its defaults.
+VARIANTS = {
+    # mean teacher + a kornia photometric strong view for the student, consistency weight 1 ramped over 40 %
+    "mean_teacher_strong": ("mean_teacher", {"student_view": "strong", "consistency": 1.0, "rampup_fraction": 0.4}),
+}
+
+
 def stages(strategy: str, steps: int) -> list[dict]:
     common = {"val_every": PROTOCOL["val_every"], "batch_size": PROTOCOL["batch_size"],
               "optimizer": PROTOCOL["optimizer"]}
+    if strategy in VARIANTS:
+        name, config = VARIANTS[strategy]
+        return [{"strategy": name, "steps": steps, "config": config, **common}]
     if strategy == "bcp":  # BCP: copy-paste pre-training (1/4 of the steps), then self-training from its best
         pre = steps // 4
         return [{"strategy": "bcp_pretrain", "steps": pre, **common},
@@ -93,7 +103,7 @@ def _key(r: dict) -> tuple:
 def save_rows(new: list[dict], path: Path = RESULTS) -> list[dict]:
     rows = {_key(r): r for r in load_rows(path)}
     rows.update({_key(r): r for r in new})
-    order = ["supervised", "mean_teacher", "bcp", "dsaif"]
+    order = ["supervised", "mean_teacher", "mean_teacher_strong", "bcp", "dsaif"]
     out = sorted(rows.values(), key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else 99,
                                                r["labeled"], r.get("seed", PROTOCOL["seed"])))
     path.parent.mkdir(parents=True, exist_ok=True)
