@@ -3,6 +3,7 @@
     python benchmarks/acdc_cpu.py                      # all rows (hours on 2 cores)
     python benchmarks/acdc_cpu.py --rows supervised:labeled_3 mean_teacher:labeled_7 --jobs 2
     python benchmarks/acdc_cpu.py --rows supervised:labeled_7:1338 mean_teacher:labeled_7:1338   # another seed
+    python benchmarks/acdc_cpu.py --rows supervised:labeled_7:1337:6000 mean_teacher:labeled_7:1337:6000  # longer
     python benchmarks/acdc_cpu.py --table-only         # regenerate RESULTS.md from the JSON
 
 Each row runs in its own process with one thread (``--jobs 2`` runs two at once on a 2-core machine).
@@ -68,13 +69,20 @@ DEFAULT_ROWS = ["supervised:labeled_3", "supervised:labeled_7", "supervised:all"
 
 
 def run_row(row: str, runs: Path, build=None, protocol: dict | None = None) -> dict:
-    """Run one ``strategy:budget[:seed]`` row in a single-thread subprocess (resumable) and summarise its metrics."""
+    """Run one ``strategy:budget[:seed[:steps]]`` row in a single-thread subprocess (resumable) and summarise it.
+
+    ``steps`` replaces the step count of a single-stage row (a longer schedule for the same comparison)."""
     strategy, labeled, *rest = row.split(":")
     base_seed = (protocol or PROTOCOL)["seed"]
     seed = int(rest[0]) if rest else base_seed
-    tag = f"{strategy}_{labeled}" + (f"_s{seed}" if seed != base_seed else "")
-    out, spec = runs / tag, runs / f"{tag}.json"
     r = (build or recipe)(strategy, labeled)
+    tag = f"{strategy}_{labeled}" + (f"_s{seed}" if seed != base_seed else "")
+    if len(rest) > 1:
+        if len(r["stages"]) != 1:
+            raise ValueError(f"row {row}: a step count can only replace that of a single-stage row")
+        r["stages"][0]["steps"] = int(rest[1])
+        tag += f"_t{rest[1]}"
+    out, spec = runs / tag, runs / f"{tag}.json"
     spec.write_text(json.dumps({**r, "seed": seed}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     code = ("import json,sys,torch; torch.set_num_threads(1);"
@@ -86,7 +94,8 @@ def run_row(row: str, runs: Path, build=None, protocol: dict | None = None) -> d
         raise RuntimeError(f"row {row} failed:\n{proc.stderr[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
     steps = sum(s["steps"] for s in m["stages"])
-    return {"strategy": strategy, "labeled": labeled, "seed": seed, "mean_dice": round(m["mean_dice"], 4),
+    return {"strategy": strategy, "labeled": labeled, "seed": seed, "schedule": "longer" if len(rest) > 1 else "protocol",
+            "mean_dice": round(m["mean_dice"], 4),
             "hd95": round(m["mean_hd95"], 2), "per_class_dice": {k: round(v, 4) for k, v in m["per_class"]["dice"].items()},
             "steps": steps, "train_seconds": round(m["train_seconds"], 1), "peak_rss_mb": round(m["peak_rss_mb"], 1),
             "threads": 1, "protocol": {k: v for k, v in (protocol or PROTOCOL).items() if k != "trainer"}}
@@ -97,7 +106,7 @@ def load_rows(path: Path = RESULTS) -> list[dict]:
 
 
 def _key(r: dict) -> tuple:
-    return r["strategy"], r["labeled"], r.get("seed", PROTOCOL["seed"])
+    return r["strategy"], r["labeled"], r.get("seed", PROTOCOL["seed"]), r["steps"]
 
 
 def save_rows(new: list[dict], path: Path = RESULTS) -> list[dict]:
@@ -117,7 +126,8 @@ def seed_table(rows: list[dict]) -> str:
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["strategy"], r["labeled"]), []).append(r)
+        if r.get("schedule", "protocol") == "protocol":
+            groups.setdefault((r["strategy"], r["labeled"]), []).append(r)
     lines = ["| strategy | labelled | seeds | mean Dice (mean ± s.d.) | per seed | HD95 (mean ± s.d.) |",
              "|---|---|---|---|---|---|"]
     for (strategy, labeled), rs in groups.items():
@@ -133,6 +143,7 @@ def seed_table(rows: list[dict]) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown table of the protocol-seed rows; class columns come from the rows' ``per_class_dice``."""
     rows = [r for r in rows if r.get("seed", PROTOCOL["seed"]) == PROTOCOL["seed"]]
+    rows = [r for r in rows if r.get("schedule", "protocol") == "protocol"] or rows
     sup = {r["labeled"]: r["mean_dice"] for r in rows if r["strategy"] == "supervised"}
     classes = list(dict.fromkeys(c for r in rows for c in r.get("per_class_dice", {})))
     lines = [f"| strategy | labelled | mean Dice | {' | '.join(classes)} | HD95 (px) | gap closed | steps | train s | "
@@ -165,6 +176,10 @@ def write_markdown(rows: list[dict]) -> None:
         "gap closed = (strategy − supervised, same labels) / (supervised all − supervised, same labels).", "",
         table(rows), "",
     ]
+    longer = [r for r in rows if r.get("schedule") == "longer"]
+    if longer:
+        md += ["Longer schedule (`--rows strategy:budget:seed:steps`): the same protocol with more steps (the "
+               "learning-rate and ramp-up schedules stretch with it).", "", table(longer), ""]
     spread = seed_table(rows)
     if spread:
         md += ["Seed spread (`--rows strategy:budget:seed`; the protocol seed is one of them): the same protocol "
