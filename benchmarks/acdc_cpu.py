@@ -41,6 +41,8 @@ BUDGETS = {"labeled_3": {"flag": "labeled_3"}, "labeled_7": {"flag": "labeled_7"
 VARIANTS = {
     # mean teacher + a kornia photometric strong view for the student, consistency weight 1 ramped over 40 %
     "mean_teacher_strong": ("mean_teacher", {"student_view": "strong", "consistency": 1.0, "rampup_fraction": 0.4}),
+    # mean teacher with BN statistics of the labelled and unlabelled inputs kept apart (one student pass each)
+    "mean_teacher_sepbn": ("mean_teacher", {"student_passes": "separate"}),
 }
 
 
@@ -112,7 +114,7 @@ def _key(r: dict) -> tuple:
 def save_rows(new: list[dict], path: Path = RESULTS) -> list[dict]:
     rows = {_key(r): r for r in load_rows(path)}
     rows.update({_key(r): r for r in new})
-    order = ["supervised", "mean_teacher", "mean_teacher_strong", "bcp", "dsaif"]
+    order = ["supervised", "mean_teacher", "mean_teacher_strong", "mean_teacher_sepbn", "bcp", "dsaif"]
     out = sorted(rows.values(), key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else 99,
                                                r["labeled"], r.get("seed", PROTOCOL["seed"])))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,12 +59,13 @@ def _adapt(strategy: str, init: str, target: str, config: dict | None = None) ->
 
 
 #: adaptation methods: row name -> (run folder, stages as (strategy, config)); later stages start from the
-#: previous stage's last weights. The last three are ablations of one setting each.
+#: previous stage's last weights. The last four are ablations of one setting each.
 METHODS = {
     "bn_sfda": ("bn_sfda", [("bn_sfda", {})]),
     "upl_sfda": ("upl_sfda", [("upl_sfda", {})]),
     "bn_sfda+upl_sfda": ("bn_upl_sfda", [("bn_sfda", {}), ("upl_sfda", {})]),
     "bn_sfda (no entropy)": ("bn_sfda_no_entropy", [("bn_sfda", {"entropy_weight": 0.0})]),
+    "bn_sfda (entropy λ=1000)": ("bn_sfda_entropy1000", [("bn_sfda", {"entropy_weight": 1000.0})]),
     "upl_sfda (frozen BN)": ("upl_sfda_frozen_bn", [("upl_sfda", {"bn_mode": "frozen"})]),
     "bn_sfda+upl_sfda (frozen BN)": ("bn_upl_sfda_frozen_bn", [("bn_sfda", {}), ("upl_sfda", {"bn_mode": "frozen"})]),
 }

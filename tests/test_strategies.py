@@ -103,6 +103,15 @@ def test_mean_teacher_bn_mode_of_teacher(eval_mode):
     assert seen == [not eval_mode]
 
 
+def test_mean_teacher_separate_student_passes():
+    s = MeanTeacher(build_backbone("unet", 2, 1, 3, channels=[8, 16]), 3, student_passes="separate")
+    sizes = []
+    s.model.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    s.train()
+    out = s.training_step({"labeled": disc_batch(2, 0), "unlabeled": disc_batch(3, 1, False)}, 0)
+    assert sizes == [2, 3] and torch.isfinite(out.loss)
+
+
 def test_label_leak_and_missing_stream():
     s = build_strategy("mean_teacher", build_backbone("unet", 2, 1, 3, channels=[8, 16]), 3)
     with pytest.raises(LabelLeakError):

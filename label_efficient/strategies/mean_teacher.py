@@ -35,6 +35,8 @@ class MeanTeacher(Strategy):
         #: from 0.41 (train mode) to 0.20 with the noise (measured), and the consistency target with it.
         teacher_eval_mode: bool = False
         student_view: Literal["same", "strong"] = "same"  #: "strong": photometric strong view for the student
+        #: "joint" (SSL4MIS): one student pass over labelled + unlabelled, so BN mixes both; "separate": one pass each
+        student_passes: Literal["joint", "separate"] = "joint"
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
@@ -52,7 +54,10 @@ class MeanTeacher(Strategy):
         lab, unl = batch["labeled"], batch["unlabeled"]
         n_l = lab["image"].shape[0]
         x_u = self.strong(unl["image"]) if self.strong is not None else unl["image"]
-        logits = self.model(torch.cat([lab["image"], x_u]))
+        if c.student_passes == "joint":
+            logits = self.model(torch.cat([lab["image"], x_u]))
+        else:
+            logits = torch.cat([self.model(lab["image"]), self.model(x_u)])
         loss_sup = supervised_loss(self.loss_fn, logits[:n_l], lab["label"])
         noise = (torch.randn_like(unl["image"]) * c.noise_std).clamp(-c.noise_clip, c.noise_clip)
         self.teacher.train(not c.teacher_eval_mode)
