@@ -107,8 +107,17 @@ def load_rows(path: Path = RESULTS) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+def _seed(r: dict) -> int:
+    return r.get("seed", PROTOCOL["seed"])
+
+
+def _on_protocol(r: dict) -> bool:
+    """A row of the pinned protocol itself: its seed and its step schedule."""
+    return _seed(r) == PROTOCOL["seed"] and r.get("schedule", "protocol") == "protocol"
+
+
 def _key(r: dict) -> tuple:
-    return r["strategy"], r["labeled"], r.get("seed", PROTOCOL["seed"]), r["steps"]
+    return r["strategy"], r["labeled"], _seed(r), r["steps"]
 
 
 def save_rows(new: list[dict], path: Path = RESULTS) -> list[dict]:
@@ -116,7 +125,7 @@ def save_rows(new: list[dict], path: Path = RESULTS) -> list[dict]:
     rows.update({_key(r): r for r in new})
     order = ["supervised", "mean_teacher", "mean_teacher_strong", "mean_teacher_sepbn", "bcp", "dsaif"]
     out = sorted(rows.values(), key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else 99,
-                                               r["labeled"], r.get("seed", PROTOCOL["seed"])))
+                                               r["labeled"], _seed(r)))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -136,16 +145,14 @@ def seed_table(rows: list[dict]) -> str:
         if len(rs) < 2:
             continue
         d, h = [r["mean_dice"] for r in rs], [r["hd95"] for r in rs]
-        lines.append(f"| {strategy} | {labeled} | {', '.join(str(r.get('seed', PROTOCOL['seed'])) for r in rs)} | "
+        lines.append(f"| {strategy} | {labeled} | {', '.join(str(_seed(r)) for r in rs)} | "
                      f"{statistics.mean(d):.4f} ± {statistics.stdev(d):.4f} | {', '.join(f'{x:.4f}' for x in d)} | "
                      f"{statistics.mean(h):.2f} ± {statistics.stdev(h):.2f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table of the protocol-seed rows; class columns come from the rows' ``per_class_dice``."""
-    rows = [r for r in rows if r.get("seed", PROTOCOL["seed"]) == PROTOCOL["seed"]]
-    rows = [r for r in rows if r.get("schedule", "protocol") == "protocol"] or rows
+    """Markdown table of ``rows``; class columns come from the rows' ``per_class_dice``."""
     sup = {r["labeled"]: r["mean_dice"] for r in rows if r["strategy"] == "supervised"}
     classes = list(dict.fromkeys(c for r in rows for c in r.get("per_class_dice", {})))
     lines = [f"| strategy | labelled | mean Dice | {' | '.join(classes)} | HD95 (px) | gap closed | steps | train s | "
@@ -176,7 +183,7 @@ def write_markdown(rows: list[dict]) -> None:
         f"{p['data']['max_val_cases']} val volumes (model selection), seed {p['seed']}. Test: per-volume mean Dice over "
         "RV/MYO/LV and HD95 in pixels on the 40 test volumes (predictions resized back to each slice's size). "
         "gap closed = (strategy − supervised, same labels) / (supervised all − supervised, same labels).", "",
-        table(rows), "",
+        table([r for r in rows if _on_protocol(r)]), "",
     ]
     longer = [r for r in rows if r.get("schedule") == "longer"]
     if longer:

@@ -35,6 +35,8 @@ PROTOCOL = {
     "upl_opt": {"name": "adam", "lr": 0.00001, "weight_decay": 0.0, "schedule": "constant"},
 }
 SHORT = {"kvasir": "kvasir", "cvc_clinicdb": "cvc"}
+#: rows that are references, not adaptations (no "recovered" share)
+REFERENCES = ("source_only", "oracle", "source_on_source_test")
 
 
 def _recipe(name: str, domain: str, stages: list[dict]) -> dict:
@@ -156,7 +158,7 @@ def with_recovered(rows: list[dict]) -> list[dict]:
     by = {(r["direction"], r["method"]): r["mean_dice"] for r in rows}
     for r in rows:
         so, orc = by.get((r["direction"], "source_only")), by.get((r["direction"], "oracle"))
-        adapted = r["method"] not in ("source_only", "oracle", "source_on_source_test")
+        adapted = r["method"] not in REFERENCES
         ok = adapted and so is not None and orc is not None and orc > so
         r["recovered"] = round((r["mean_dice"] - so) / (orc - so), 4) if ok else None
     return rows
@@ -167,7 +169,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         rec = f"{100 * r['recovered']:.0f} %" if r["recovered"] is not None else ""
-        if r["recovered"] is None and r["method"] not in ("source_only", "oracle", "source_on_source_test"):
+        if r["recovered"] is None and r["method"] not in REFERENCES:
             rec = "n/a (oracle ≤ source-only)"
         sps = f"{r['sec_per_adapt_step']:.3f}" if r["sec_per_adapt_step"] else ""
         ood = f"{r['ood_auroc']:.3f}" if r["ood_auroc"] is not None else ""
