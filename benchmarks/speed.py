@@ -75,6 +75,7 @@ def raw_supervised(data, steps):
 
 def raw_mean_teacher(data, steps):
     net, teacher, loss_fn, opt = _student_teacher()
+    teacher.train()  # SSL4MIS: the teacher normalises its noisy input with batch statistics
 
     def step(i, b):
         xl, yl, xu = b["labeled"]["image"], b["labeled"]["label"], b["unlabeled"]["image"]
