@@ -132,38 +132,45 @@ def save_rows(new: list[dict], path: Path = RESULTS) -> list[dict]:
 
 
 def seed_table(rows: list[dict]) -> str:
-    """Mean ± sample s.d. of mean Dice and HD95 over the seeds run for each (strategy, budget) with several seeds."""
+    """Mean ± sample s.d. over the seeds run for each (strategy, budget, steps) with several seeds, and the paired
+    difference to supervised on the same seeds and steps (same initialisation, batch order and augmentation)."""
     import statistics
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r.get("schedule", "protocol") == "protocol":
-            groups.setdefault((r["strategy"], r["labeled"]), []).append(r)
-    lines = ["| strategy | labelled | seeds | mean Dice (mean ± s.d.) | per seed | HD95 (mean ± s.d.) |",
-             "|---|---|---|---|---|---|"]
-    for (strategy, labeled), rs in groups.items():
+        groups.setdefault((r["strategy"], r["labeled"], r["steps"]), []).append(r)
+    sup = {(r["labeled"], r["steps"], _seed(r)): r["mean_dice"] for r in rows if r["strategy"] == "supervised"}
+    ms = lambda xs, f: f"{statistics.mean(xs):{f}} ± {statistics.stdev(xs):{f.lstrip('+')}}" if len(xs) > 1 else ""
+    lines = ["| strategy | labelled | steps | seeds | mean Dice (mean ± s.d.) | per seed | HD95 (mean ± s.d.) | "
+             "− supervised, same seeds (mean ± s.d.) |", "|---|---|---|---|---|---|---|---|"]
+    for (strategy, labeled, steps), rs in groups.items():
         if len(rs) < 2:
             continue
         d, h = [r["mean_dice"] for r in rs], [r["hd95"] for r in rs]
-        lines.append(f"| {strategy} | {labeled} | {', '.join(str(_seed(r)) for r in rs)} | "
-                     f"{statistics.mean(d):.4f} ± {statistics.stdev(d):.4f} | {', '.join(f'{x:.4f}' for x in d)} | "
-                     f"{statistics.mean(h):.2f} ± {statistics.stdev(h):.2f} |")
+        diff = [r["mean_dice"] - sup[(labeled, steps, _seed(r))] for r in rs if (labeled, steps, _seed(r)) in sup]
+        lines.append(f"| {strategy} | {labeled} | {steps} | {', '.join(str(_seed(r)) for r in rs)} | {ms(d, '.4f')} | "
+                     f"{', '.join(f'{x:.4f}' for x in d)} | {ms(h, '.2f')} | "
+                     f"{ms(diff, '+.4f') if strategy != 'supervised' else ''} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table of ``rows``; class columns come from the rows' ``per_class_dice``."""
-    sup = {r["labeled"]: r["mean_dice"] for r in rows if r["strategy"] == "supervised"}
+def table(rows: list[dict], ceiling: float | None = None) -> str:
+    """Markdown table of ``rows``; class columns come from the rows' ``per_class_dice``. Gap closed is measured
+    against the supervised row with the same labels, seed and steps, up to ``ceiling`` (default: the rows'
+    supervised-all Dice)."""
+    sup = {(r["labeled"], _seed(r), r["steps"]): r["mean_dice"] for r in rows if r["strategy"] == "supervised"}
+    if ceiling is None:
+        ceiling = next((r["mean_dice"] for r in rows if r["strategy"] == "supervised" and r["labeled"] == "all"), None)
     classes = list(dict.fromkeys(c for r in rows for c in r.get("per_class_dice", {})))
-    lines = [f"| strategy | labelled | mean Dice | {' | '.join(classes)} | HD95 (px) | gap closed | steps | train s | "
-             "peak RSS MB |", "|---" * (8 + len(classes)) + "|"]
+    lines = [f"| strategy | labelled | seed | mean Dice | {' | '.join(classes)} | HD95 (px) | gap closed | steps | "
+             "train s | peak RSS MB |", "|---" * (9 + len(classes)) + "|"]
     for r in rows:
-        gap = ""
-        if r["strategy"] != "supervised" and r["labeled"] in sup and "all" in sup:
-            gap = f"{100 * (r['mean_dice'] - sup[r['labeled']]) / (sup['all'] - sup[r['labeled']]):.0f} %"
+        gap, base = "", sup.get((r["labeled"], _seed(r), r["steps"]))
+        if r["strategy"] != "supervised" and base is not None and ceiling is not None:
+            gap = f"{100 * (r['mean_dice'] - base) / (ceiling - base):.0f} %"
         pc = " | ".join(f"{r.get('per_class_dice', {}).get(c, float('nan')):.3f}" for c in classes)
-        lines.append(f"| {r['strategy']} | {r['labeled']} | {r['mean_dice']:.4f} | {pc} | {r['hd95']:.2f} | {gap} | "
-                     f"{r['steps']} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"| {r['strategy']} | {r['labeled']} | {_seed(r)} | {r['mean_dice']:.4f} | {pc} | {r['hd95']:.2f} | "
+                     f"{gap} | {r['steps']} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -187,13 +194,15 @@ def write_markdown(rows: list[dict]) -> None:
     ]
     longer = [r for r in rows if r.get("schedule") == "longer"]
     if longer:
+        ceiling = next(r["mean_dice"] for r in rows if _on_protocol(r) and r["labeled"] == "all")
         md += ["Longer schedule (`--rows strategy:budget:seed:steps`): the same protocol with more steps (the "
-               "learning-rate and ramp-up schedules stretch with it).", "", table(longer), ""]
+               "learning-rate and ramp-up schedules stretch with it); gap closed against supervised with the same "
+               "seed and steps, up to the protocol's supervised-all ceiling.", "", table(longer, ceiling), ""]
     spread = seed_table(rows)
     if spread:
         md += ["Seed spread (`--rows strategy:budget:seed`; the protocol seed is one of them): the same protocol "
                "with other seeds, which change the initialisation, the labelled/unlabelled batch order and the "
-               "augmentation.", "", spread, ""]
+               "augmentation; the last column pairs each seed with supervised on that seed.", "", spread, ""]
     sfda = HERE / "results" / "sfda_polyp.json"
     if sfda.exists():
         from sfda_polyp import PROTOCOL as SP, table as sfda_table
