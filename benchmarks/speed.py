@@ -1,7 +1,7 @@
 """Step overhead: a strategy in our Lightning module and in a plain loop, against a raw PyTorch loop doing the
 same forward/backward passes on the same pre-built batches (ACDC slices at the ACDC-CPU protocol's size).
 
-    python benchmarks/speed.py [--steps 100] [--threads 2] [--repeats 3]
+    python benchmarks/speed.py [--steps 100] [--threads 2] [--repeats 3] [--strategies mean_teacher ...]
 
 Run it alone on the machine: another busy process changes the numbers by 20–40× on 2 cores.
 """
@@ -169,29 +169,37 @@ def lightning_loop(name, data, steps):
     return (timer.n - 5) / (timer.t1 - timer.t0)
 
 
+RAW = {"supervised": raw_supervised, "mean_teacher": raw_mean_teacher, "bcp": raw_bcp_passes}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="best of N per measurement")
+    ap.add_argument("--strategies", nargs="*", default=list(RAW), choices=list(RAW))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import logging
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     data = batches(args.steps, 128, 8, 8)
-    rows = []
-    for name, raw in (("supervised", raw_supervised), ("mean_teacher", raw_mean_teacher), ("bcp", raw_bcp_passes)):
-        best = lambda f: max(f() for _ in range(args.repeats))
-        r = best(lambda: raw(data, args.steps))
-        lt = best(lambda: lightning_loop(name, data, args.steps))
-        sl = best(lambda: strategy_loop(name, data, args.steps))
-        rows.append({"strategy": name, "raw_its": r, "lightning_its": lt, "strategy_loop_its": sl,
+    rows = {r["strategy"]: r for r in json.loads(SPEED_RESULTS.read_text())} if SPEED_RESULTS.exists() else {}
+    for name in args.strategies:
+        # Interleaved repeats (raw, Lightning, plain loop, raw, ...): a slow drift of the machine hits all three alike.
+        its: dict[str, list[float]] = {"raw": [], "lightning": [], "loop": []}
+        for _ in range(args.repeats):
+            its["raw"].append(RAW[name](data, args.steps))
+            its["lightning"].append(lightning_loop(name, data, args.steps))
+            its["loop"].append(strategy_loop(name, data, args.steps))
+        r, lt, sl = (max(its[k]) for k in ("raw", "lightning", "loop"))
+        rows[name] = {"strategy": name, "raw_its": r, "lightning_its": lt, "strategy_loop_its": sl,
                      "overhead_pct": 100 * (r / lt - 1), "threads": args.threads, "steps": args.steps,
-                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-        print(json.dumps(rows[-1]), flush=True)
+                     "repeats": {k: [round(x, 3) for x in v] for k, v in its.items()},
+                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        print(json.dumps(rows[name]), flush=True)
     SPEED_RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    SPEED_RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+    SPEED_RESULTS.write_text(json.dumps([rows[k] for k in RAW if k in rows], indent=2) + "\n")
 
 
 if __name__ == "__main__":
