@@ -3,6 +3,9 @@
 Per step: L = L_sup(student(x_l), y_l) + λ(t)·MSE(softmax(student(x_u)), softmax(teacher(x_u + ξ))),
 with ξ = clip(N(0, 0.1²), −0.2, 0.2), λ(t) = w·exp(−5(1 − t/T)²) (sigmoid ramp-up) and, after the
 optimizer step, θ_T ← α θ_T + (1 − α) θ_S including BN statistics.
+Departure: α is constant from step 0; SSL4MIS warms it up as min(1 − 1/(t+1), α). The teacher starts as a copy of
+the student, so the two differ only while the student moves fast in the first ~100 steps (all rows in
+``benchmarks/RESULTS.md`` use the constant α).
 Option beyond SSL4MIS (off by default): ``student_view="strong"`` feeds the student a photometric strong view of
 x_u (kornia, on device) while the teacher keeps the weak one, as in weak/strong consistency methods.
 """
