@@ -89,3 +89,17 @@ def test_dsaif_recipe_runs_with_cached_tree_views(image_folder, tmp_path):
     raw = tiny_recipe(image_folder, strategy="dsaif", steps=4, val_every=2, config={"area_threshold": 5})
     m = run_recipe(parse_recipe(raw), tmp_path / "run")
     assert 0 <= m["mean_dice"] <= 1 and m["stages"][0]["strategy"] == "dsaif"
+
+
+@pytest.mark.parametrize("shape", [(8, 12, 12), (8, 12, 10)])
+def test_dsaif_3d_step_with_and_without_a_square_plane(shape):
+    """3D volumes: quarter turns in the first square plane, only half turns when no plane is square."""
+    torch.manual_seed(0)
+    s = DSAIF(build_backbone("unet", 3, 1, 2, channels=[4, 8]), 2)
+    s.setup(10)
+    vol = lambda: torch.rand(2, 1, *shape)
+    lab = {"image": vol(), "label": torch.randint(0, 2, (2, *shape))}
+    batch = {"labeled": with_views(lab), "unlabeled": with_views({"image": vol()})}
+    out = s.training_step(batch, 5)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in s.model2.parameters())
