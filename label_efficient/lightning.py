@@ -1,6 +1,7 @@
 """Lightning adapter: one ``LightningModule`` drives any :class:`~label_efficient.strategies.Strategy`."""
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -60,7 +61,17 @@ class StrategyModule(pl.LightningModule):
         self.overlap = overlap
         self.meta = meta or {}
         self._val_dice: list[float] = []
+        self._seconds_before = 0.0  # time spent by earlier, interrupted runs of this stage (from the checkpoint)
+        self._fit_start: float | None = None
         strategy.setup(total_steps)
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall time of this stage's training (validation included), summed over interrupted and resumed runs."""
+        return self._seconds_before + (time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0)
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
 
     def on_train_epoch_start(self) -> None:
         # Re-seeding at each epoch makes a run resumed from an epoch-end checkpoint bit-identical.
@@ -107,9 +118,11 @@ class StrategyModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["label_efficient"] = self.meta
+        checkpoint["label_efficient_train_seconds"] = self.train_seconds
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_meta(checkpoint.get("label_efficient", {}), self.meta, "checkpoint")
+        self._seconds_before = float(checkpoint.get("label_efficient_train_seconds", 0.0))
 
 
 class CheckpointMismatchError(ValueError):

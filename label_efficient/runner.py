@@ -170,7 +170,6 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                 plugins=[AtomicCheckpointIO()], enable_model_summary=False, default_root_dir=sdir,
             )
             last = sdir / "last.ckpt"
-            t0 = time.time()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*does not have many workers.*")
                 warnings.filterwarnings("ignore", ".*IterableDataset.*|.*num_workers.*|.*LeafSpec.*")
@@ -180,7 +179,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
             best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
             score = ckpt.best_model_score if val else None
             atomic_write_json(done, {"best": best_path.name, "best_val_dice": float(score) if score is not None else None,
-                                     "seconds": time.time() - t0, "steps": stage.steps})
+                                     "seconds": module.train_seconds, "steps": stage.steps})
         info = json.loads(done.read_text())
         strategy.load_state_dict(_strategy_state(sdir / "last.ckpt"))
         last_state = copy.deepcopy(strategy.export_model().state_dict())

@@ -78,8 +78,10 @@ def test_resume_gives_same_metrics(image_folder, tmp_path, monkeypatch, val_spli
         run_recipe(parse_recipe(raw), tmp_path / "cut")
     assert (tmp_path / "cut/stage0_supervised/last.ckpt").is_file()
     assert not (tmp_path / "cut/metrics.json").exists()
+    before = torch.load(tmp_path / "cut/stage0_supervised/last.ckpt", weights_only=True)["label_efficient_train_seconds"]
     monkeypatch.setattr(Supervised, "training_step", real)
     resumed = run_recipe(parse_recipe(raw), tmp_path / "cut", resume=True)
+    assert resumed["train_seconds"] > before > 0  # the interrupted run's training time is counted
     for run in ("full", "cut"):  # last.ckpt is the final step even when the best val score came earlier
         assert torch.load(tmp_path / run / "stage0_supervised/last.ckpt", weights_only=True)["global_step"] == 9
     assert resumed["mean_dice"] == pytest.approx(full["mean_dice"], abs=1e-6)
