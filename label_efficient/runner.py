@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from .backbones import build_backbone
+from .backbones.rotated_heads import RotatedHeads
 from .data import CaseStore, DatasetSpec, StepBatches, Stream, build_dataset, eval_volumes, split_labeled, train_loader
 from .data.loaders import volume_loader
 from .data.readers import DataError
@@ -109,6 +110,10 @@ def _init_weights(model: torch.nn.Module, init: str, previous: dict | None, meta
         blob = torch.load(path, map_location="cpu", weights_only=True)
         check_meta(blob.get("label_efficient", blob.get("meta", {})), meta, str(path))
         state = blob["state_dict"]
+        if (blob.get("wrapper") or {}).get("name") == "rotated_heads":  # an ensemble's model.pt: its plain network
+            wrapped = RotatedHeads.from_network(copy.deepcopy(model), blob["wrapper"]["rotations"])
+            load_state(wrapped, state, str(path))
+            state = wrapped.plain_network().state_dict()
         if any(k.startswith("strategy.model.") for k in state):  # a Lightning checkpoint
             state = {k[len("strategy.model."):]: v for k, v in state.items() if k.startswith("strategy.model.")}
     load_state(model, state, f"stage '{stage}' init '{init}'")
@@ -194,7 +199,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     metrics = evaluate(strategy.predict, test, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
                        ev.metrics, roi_size=ctx.cfg.patch_size, device=device, overlap=ev.sw_overlap, keep=ev.overlays)
     predictions = metrics.pop("predictions", [])
-    exported = strategy.export_model()
+    exported = strategy.export_model()  # the OOD detector reads its bottleneck, which an ensemble's heads share
     detector = fit_ood(exported, ctx, device) if ctx.spec.spatial_dims == 2 else None
     if detector is not None:
         for vol in test:
@@ -205,7 +210,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                "train_seconds": sum(s["seconds"] for s in stage_reports), "wall_seconds": time.time() - t_start,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "skipped_corrupt": ctx.store.skipped}
-    save_bundle(out / "model.pt", exported, recipe, ctx, detector)
+    save_bundle(out / "model.pt", strategy.export_inference(), recipe, ctx, detector)
     atomic_write_json(out / "metrics.json", metrics)
     from .reporting import learning_curve, overlays
 
@@ -242,17 +247,23 @@ def save_bundle(path: Path, model: torch.nn.Module, recipe: Recipe, ctx: DataCon
                      "tap_points": recipe.backbone.tap_points},
         "data": {"image_size": ctx.cfg.image_size, "patch_size": ctx.cfg.patch_size, "intensity": ctx.spec.intensity,
                  "format": ctx.spec.format, "class_names": ctx.spec.class_names},
+        "wrapper": model.bundle_spec() if hasattr(model, "bundle_spec") else None,
         "state_dict": model.state_dict(),
     }, path)
 
 
 def load_bundle(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Load ``model.pt`` (weights only) and rebuild its network."""
+    """Load ``model.pt`` (weights only) and rebuild its network (or the strategy's inference ensemble)."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path} is not a label-efficient model bundle (format {blob.get('format')!r})")
     m, b = blob["meta"], blob["backbone"]
     model = build_backbone(b["name"], m["spatial_dims"], m["in_channels"], m["num_classes"],
                            tap_points=b["tap_points"], **b["kwargs"])
+    wrapper = blob.get("wrapper")
+    if wrapper is not None:
+        if wrapper.get("name") != "rotated_heads":
+            raise ValueError(f"{path}: unknown inference wrapper {wrapper.get('name')!r}")
+        model = RotatedHeads.from_network(model, wrapper["rotations"])
     load_state(model, blob["state_dict"], str(path))
     return model.eval(), blob

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -240,3 +241,30 @@ def test_single_image_target(tmp_path):
     root = write_two_domain_folder(tmp_path / "two", n_per_domain=5)  # target train: 1 image
     m = run_recipe(parse_recipe(sfda_recipe(root, "upl_sfda")), tmp_path / "run")
     assert 0 <= m["mean_dice"] <= 1
+
+
+def test_upl_model_pt_is_the_ensemble_the_run_tested(tmp_path):
+    """``model.pt`` holds the K-head rotation ensemble: evaluating it reproduces the run's test Dice, ``predict``
+    (with its OOD check) runs on it, and a later stage can start from its plain network."""
+    from label_efficient.backbones.rotated_heads import RotatedHeads
+    from label_efficient.cli import main
+    from label_efficient.runner import load_bundle
+
+    root = write_two_domain_folder(tmp_path / "two")
+    out = tmp_path / "run"
+    m = run_recipe(parse_recipe(sfda_recipe(root, "upl_sfda")), out)
+    model, blob = load_bundle(out / "model.pt")
+    assert isinstance(model, RotatedHeads) and len(model.heads) == 4 and blob["ood"] is not None
+    assert main(["evaluate", str(out / "recipe.resolved.yaml"), "--model", str(out / "model.pt"),
+                 "--output", str(tmp_path / "ev.json")]) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["mean_dice"] == pytest.approx(m["mean_dice"], abs=1e-6)
+    assert main(["predict", "--model", str(out / "model.pt"), "--input", str(root / "images"),
+                 "--output", str(tmp_path / "pred")]) == 0
+    assert (tmp_path / "pred/ood_scores.csv").is_file()
+    raw = sfda_recipe(root, "bn_sfda")
+    raw["stages"] = raw["stages"][1:]
+    raw["stages"][0]["init"] = str(out / "model.pt")
+    run_recipe(parse_recipe(raw), tmp_path / "again")
+    again = torch.load(tmp_path / "again/model.pt", weights_only=True)["state_dict"]
+    plain = model.plain_network().state_dict()
+    assert set(again) == set(plain)  # the plain network (body + unrotated head), not the ensemble

@@ -93,8 +93,14 @@ class Strategy(nn.Module):
         return self.model(x)
 
     def export_model(self) -> nn.Module:
-        """The network whose weights pass to the next stage and to ``model.pt``."""
+        """The plain network whose weights pass to the next stage."""
         return self.model
+
+    def export_inference(self) -> nn.Module:
+        """The module ``model.pt`` holds and ``label-efficient predict`` runs: by default :meth:`export_model`; a
+        strategy whose :meth:`predict` is more than one network (an ensemble) returns a module doing the same, with a
+        ``bundle_spec()`` saying how to rebuild it from the backbone (see ``backbones.rotated_heads``)."""
+        return self.export_model()
 
     # -- checks ----------------------------------------------------------------------------------
     def check_batch(self, batch: Mapping[str, Mapping[str, torch.Tensor]]) -> None:

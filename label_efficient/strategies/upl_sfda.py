@@ -7,7 +7,7 @@ input rotated by r_k·90° (r = 1, 2, 3, 0) and its softmax is rotated back. Per
   2. Pass 2 (grad): recompute p_k; L_TFS = mean_{k,c} 1 − (2Σ q·Y_c + s)/(ΣY_c + Σq² + s), q = p_kc ⊙ Y_c, s = 1e-4
      (twice-forward supervision: only pixels pseudo-labelled c count for class c).
   3. L = L_TFS + λ·L_ME with L_ME = −Σ p̄ log₂(p̄ + 1e-10)/(N·C·|Ω|), the entropy of the head mean.
-Inference averages the K rotated heads. The heads form their own optimizer parameter group with Adam betas
+Inference averages the K rotated heads (``RotatedHeads``, also what ``model.pt`` holds). The heads form their own optimizer parameter group with Adam betas
 (0.5, 0.999), the rest of the network the optimizer's defaults (official code). Departures from the official code
 (spec pitfalls): BN runs in train mode during adaptation by default (``bn_mode="frozen"`` keeps the incoming
 running statistics, which is what the official code effectively does from its second epoch on) and in eval mode at
@@ -22,9 +22,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..backbones.taps import batchnorm_layers, get_head, set_head
+from ..backbones.rotated_heads import RotatedHeads, default_rotations, rotated_head_probs, split_heads
+from ..backbones.taps import batchnorm_layers
 from ..transforms.components import largest_component_mask
-from ..transforms.rotate import rotate_quarter, rotation_dims
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 
 
@@ -57,21 +57,12 @@ class UPLSFDA(Strategy):
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
-        head = get_head(model)
-        self.heads = nn.ModuleList(copy.deepcopy(head) for _ in range(self.config.num_heads))
-        set_head(model, nn.Identity())  # the model now returns the decoder features the heads share
-        self.rotations = [(k + 1) % 4 for k in range(self.config.num_heads)]  # 90°, 180°, 270°, 0°, ...
+        _, self.heads = split_heads(model, self.config.num_heads)  # self.model now returns the shared decoder features
+        self.rotations = default_rotations(self.config.num_heads)
 
     def head_probs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Softmax of every head on its rotated input, rotated back into the input frame."""
-        dims = rotation_dims(tuple(x.shape[2:]))
-        square = x.shape[dims[0]] == x.shape[dims[1]]
-        out = []
-        for head, r in zip(self.heads, self.rotations):
-            r = r if square else (r % 2) * 2  # only half turns keep a non-square shape
-            p = head(self.model(rotate_quarter(x, r, dims))).float().softmax(1)
-            out.append(rotate_quarter(p, (-r) % 4, dims))
-        return out
+        return rotated_head_probs(self.model, self.heads, self.rotations, x)
 
     def trainable_parameters(self):
         """Two parameter groups: the shared network, and the heads with their own Adam betas."""
@@ -104,8 +95,9 @@ class UPLSFDA(Strategy):
         return torch.stack(self.head_probs(x)).mean(0)
 
     def export_model(self) -> nn.Module:
-        """A plain network with the unrotated head (r = 0) for the next stage and ``model.pt``."""
-        model = copy.deepcopy(self.model)
-        zero = self.rotations.index(0) if 0 in self.rotations else 0
-        set_head(model, copy.deepcopy(self.heads[zero]))
-        return model
+        """A plain network with the unrotated head (r = 0), for the next stage."""
+        return RotatedHeads(self.model, self.heads, self.rotations).plain_network()
+
+    def export_inference(self) -> nn.Module:
+        """The K-head rotation ensemble that ``predict`` runs, as one module for ``model.pt``."""
+        return RotatedHeads(copy.deepcopy(self.model), copy.deepcopy(self.heads), self.rotations)
