@@ -1,12 +1,15 @@
 """Lightning adapter: one ``LightningModule`` drives any :class:`~label_efficient.strategies.Strategy`."""
 from __future__ import annotations
 
+import csv
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from .data.loaders import EvalVolume
@@ -25,6 +28,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         atomic_torch_save(checkpoint, path)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``metrics.csv`` in ``save_dir`` that keeps what an interrupted run logged before ``resume_step`` (Lightning's
+    CSV writer deletes the file when it starts, so a resumed run's learning curve would begin at the resume step)."""
+
+    def __init__(self, save_dir: str | Path, resume_step: int | None = None):
+        super().__init__(save_dir, name="", version="")
+        self._resume_step = resume_step
+
+    @property
+    def experiment(self):
+        if self._experiment is not None or self._resume_step is None:
+            return super().experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        header, kept = [], []
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                kept = [r for r in reader if r.get("step") and int(float(r["step"])) < self._resume_step]
+        writer = super().experiment  # removes metrics.csv
+        if kept and hasattr(writer, "metrics_keys"):  # rank 0 only (other ranks get a dummy writer)
+            writer.metrics_keys = sorted(header)  # the writer appends rows in this column order
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=writer.metrics_keys)
+                w.writeheader()
+                w.writerows(kept)
+        return writer
 
 
 def build_optimizer(params, cfg: OptimizerConfig, total_steps: int):

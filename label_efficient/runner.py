@@ -31,7 +31,7 @@ from .data.loaders import volume_loader
 from .data.readers import DataError
 from .evaluation import evaluate
 from .ood import OODDetector, pooled_features
-from .lightning import AtomicCheckpointIO, StrategyModule, check_meta, load_state
+from .lightning import AtomicCheckpointIO, ResumableCSVLogger, StrategyModule, check_meta, load_state
 from .recipe import DataConfig, Recipe
 from .strategies import STRATEGIES, Strategy
 from .utils import atomic_torch_save, atomic_write_json, atomic_write_text, seed_everything
@@ -128,7 +128,6 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     """Run every stage of ``recipe`` into ``out`` and evaluate once on the test split."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
 
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
@@ -167,20 +166,23 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                                         **({} if val else {"every_n_train_steps": stage.val_every}))
             ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor="val/mean_dice", mode="max", save_top_k=1,
                                    enable_version_counter=False, save_on_train_epoch_end=False) if val else None
+            last = sdir / "last.ckpt"
+            resume_from = last if resume and last.exists() else None
+            resume_step = (torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"]
+                           if resume_from else None)
             trainer = pl.Trainer(
                 accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,
                 precision=recipe.trainer.precision, max_steps=stage.steps, max_epochs=-1, callbacks=[last_ckpt, ckpt] if val else [last_ckpt],
-                logger=CSVLogger(sdir, name="", version=""), log_every_n_steps=recipe.trainer.log_every,
+                logger=ResumableCSVLogger(sdir, resume_step), log_every_n_steps=recipe.trainer.log_every,
                 num_sanity_val_steps=0, limit_val_batches=1.0 if val else 0, enable_progress_bar=recipe.trainer.progress_bar,
                 plugins=[AtomicCheckpointIO()], enable_model_summary=False, default_root_dir=sdir,
             )
-            last = sdir / "last.ckpt"
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*does not have many workers.*")
                 warnings.filterwarnings("ignore", ".*IterableDataset.*|.*num_workers.*|.*LeafSpec.*")
                 trainer.fit(module, train_dataloaders=train_loader(batches, ctx.cfg.num_workers),
                             val_dataloaders=volume_loader(val) if val else None,
-                            ckpt_path=str(last) if resume and last.exists() else None, weights_only=True)
+                            ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
             best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
             score = ckpt.best_model_score if val else None
             atomic_write_json(done, {"best": best_path.name, "best_val_dice": float(score) if score is not None else None,

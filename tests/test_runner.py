@@ -85,6 +85,9 @@ def test_resume_gives_same_metrics(image_folder, tmp_path, monkeypatch, val_spli
     for run in ("full", "cut"):  # last.ckpt is the final step even when the best val score came earlier
         assert torch.load(tmp_path / run / "stage0_supervised/last.ckpt", weights_only=True)["global_step"] == 9
     assert resumed["mean_dice"] == pytest.approx(full["mean_dice"], abs=1e-6)
+    logs = {run: (tmp_path / run / "stage0_supervised/metrics.csv").read_text().splitlines() for run in ("full", "cut")}
+    assert len(logs["cut"]) == len(logs["full"]) > 9  # the learning curve before the crash is kept, nothing twice
+    assert logs["cut"][0] == logs["full"][0]
     a = torch.load(tmp_path / "full/model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut/model.pt", weights_only=True)["state_dict"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
