@@ -154,6 +154,11 @@ def seed_table(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def _seconds(r: dict) -> str:
+    """Training wall time; rows resumed before the runner kept time across resumes have none."""
+    return f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "n/a (resumed)"
+
+
 def table(rows: list[dict], ceiling: float | None = None) -> str:
     """Markdown table of ``rows``; class columns come from the rows' ``per_class_dice``. Gap closed is measured
     against the supervised row with the same labels, seed and steps, up to ``ceiling`` (default: the rows'
@@ -170,7 +175,7 @@ def table(rows: list[dict], ceiling: float | None = None) -> str:
             gap = f"{100 * (r['mean_dice'] - base) / (ceiling - base):.0f} %"
         pc = " | ".join(f"{r.get('per_class_dice', {}).get(c, float('nan')):.3f}" for c in classes)
         lines.append(f"| {r['strategy']} | {r['labeled']} | {_seed(r)} | {r['mean_dice']:.4f} | {pc} | {r['hd95']:.2f} | "
-                     f"{gap} | {r['steps']} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"{gap} | {r['steps']} | {_seconds(r)} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
