@@ -37,12 +37,20 @@ CEILING_STEPS = 6000
 BUDGETS = {"labeled_3": {"flag": "labeled_3"}, "labeled_7": {"flag": "labeled_7"}, "all": {"all": True}}
 
 
-#: Named variants: a row name mapped to a registered strategy and the settings it changes from its defaults.
+#: SSL4MIS's optimizer: SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly (power 0.9) decay.
+SSL4MIS_SGD = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001, "schedule": "poly"}
+
+#: Named variants: a row name mapped to a registered strategy, the settings it changes from its defaults and,
+#: optionally, another optimizer than the protocol's.
 VARIANTS = {
     # mean teacher + a kornia photometric strong view for the student, consistency weight 1 ramped over 40 %
-    "mean_teacher_strong": ("mean_teacher", {"student_view": "strong", "consistency": 1.0, "rampup_fraction": 0.4}),
+    "mean_teacher_strong": {"strategy": "mean_teacher",
+                            "config": {"student_view": "strong", "consistency": 1.0, "rampup_fraction": 0.4}},
     # mean teacher with BN statistics of the labelled and unlabelled inputs kept apart (one student pass each)
-    "mean_teacher_sepbn": ("mean_teacher", {"student_passes": "separate"}),
+    "mean_teacher_sepbn": {"strategy": "mean_teacher", "config": {"student_passes": "separate"}},
+    # both arms with SSL4MIS's SGD instead of AdamW (Adam rescales a small consistency gradient to full step size)
+    "supervised_sgd": {"strategy": "supervised", "optimizer": SSL4MIS_SGD},
+    "mean_teacher_sgd": {"strategy": "mean_teacher", "optimizer": SSL4MIS_SGD},
 }
 
 
@@ -50,8 +58,9 @@ def stages(strategy: str, steps: int) -> list[dict]:
     common = {"val_every": PROTOCOL["val_every"], "batch_size": PROTOCOL["batch_size"],
               "optimizer": PROTOCOL["optimizer"]}
     if strategy in VARIANTS:
-        name, config = VARIANTS[strategy]
-        return [{"strategy": name, "steps": steps, "config": config, **common}]
+        v = VARIANTS[strategy]
+        return [{**common, "strategy": v["strategy"], "steps": steps, "config": v.get("config", {}),
+                 "optimizer": v.get("optimizer", PROTOCOL["optimizer"])}]
     if strategy == "bcp":  # BCP: copy-paste pre-training (1/4 of the steps), then self-training from its best
         pre = steps // 4
         return [{"strategy": "bcp_pretrain", "steps": pre, **common},
@@ -123,7 +132,8 @@ def _key(r: dict) -> tuple:
 def save_rows(new: list[dict], path: Path = RESULTS) -> list[dict]:
     rows = {_key(r): r for r in load_rows(path)}
     rows.update({_key(r): r for r in new})
-    order = ["supervised", "mean_teacher", "mean_teacher_strong", "mean_teacher_sepbn", "bcp", "dsaif"]
+    order = ["supervised", "mean_teacher", "mean_teacher_strong", "mean_teacher_sepbn", "supervised_sgd",
+             "mean_teacher_sgd", "bcp", "dsaif"]
     out = sorted(rows.values(), key=lambda r: (order.index(r["strategy"]) if r["strategy"] in order else 99,
                                                r["labeled"], _seed(r)))
     path.parent.mkdir(parents=True, exist_ok=True)
