@@ -241,7 +241,8 @@ def write_markdown(rows: list[dict]) -> None:
     if SPEED_RESULTS.exists():
         speed = json.loads(SPEED_RESULTS.read_text())
         md += ["## Step overhead against a raw PyTorch loop", "",
-               "Same pre-built ACDC batches (128², 8 + 8), bf16 autocast, best of 3 runs; the raw loop is hand-written "
+               "Same pre-built ACDC batches (128², 8 + 8), bf16 autocast, 2 threads, run alone; best of 3 interleaved "
+               "repeats (raw, Lightning, plain loop, raw, …); the raw loop is hand-written "
                "PyTorch doing the same passes (for BCP: only the teacher and student passes, so the overhead includes "
                "its box masks, mixing and connected-component cleaning). Lightning = our `StrategyModule` in a "
                "`Trainer`; plain loop = the strategy object in a 10-line loop.", "",
