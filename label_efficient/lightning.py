@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,7 +17,7 @@ from .data.loaders import EvalVolume
 from .evaluation import case_metrics, predict_volume
 from .recipe import OptimizerConfig
 from .strategies.base import Strategy
-from .utils import atomic_torch_save, seed_everything
+from .utils import atomic_torch_save, atomic_write_text, seed_everything
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,10 +53,11 @@ class ResumableCSVLogger(CSVLogger):
         writer = super().experiment  # removes metrics.csv
         if kept and hasattr(writer, "metrics_keys"):  # rank 0 only (other ranks get a dummy writer)
             writer.metrics_keys = sorted(header)  # the writer appends rows in this column order
-            with open(path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=writer.metrics_keys)
-                w.writeheader()
-                w.writerows(kept)
+            text = io.StringIO(newline="")
+            w = csv.DictWriter(text, fieldnames=writer.metrics_keys)
+            w.writeheader()
+            w.writerows(kept)
+            atomic_write_text(path, text.getvalue())
         return writer
 
 

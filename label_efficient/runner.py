@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from .backbones import build_backbone
-from .backbones.rotated_heads import RotatedHeads
+from .backbones.rotated_heads import rebuild as rebuild_inference
 from .data import CaseStore, DatasetSpec, StepBatches, Stream, build_dataset, eval_volumes, split_labeled, train_loader
 from .data.loaders import volume_loader
 from .data.readers import DataError
@@ -110,8 +110,8 @@ def _init_weights(model: torch.nn.Module, init: str, previous: dict | None, meta
         blob = torch.load(path, map_location="cpu", weights_only=True)
         check_meta(blob.get("label_efficient", blob.get("meta", {})), meta, str(path))
         state = blob["state_dict"]
-        if (blob.get("wrapper") or {}).get("name") == "rotated_heads":  # an ensemble's model.pt: its plain network
-            wrapped = RotatedHeads.from_network(copy.deepcopy(model), blob["wrapper"]["rotations"])
+        if blob.get("wrapper"):  # an ensemble's model.pt: start from its plain network
+            wrapped = rebuild_inference(copy.deepcopy(model), blob["wrapper"])
             load_state(wrapped, state, str(path))
             state = wrapped.plain_network().state_dict()
         if any(k.startswith("strategy.model.") for k in state):  # a Lightning checkpoint
@@ -262,10 +262,6 @@ def load_bundle(path: str | Path) -> tuple[torch.nn.Module, dict]:
     m, b = blob["meta"], blob["backbone"]
     model = build_backbone(b["name"], m["spatial_dims"], m["in_channels"], m["num_classes"],
                            tap_points=b["tap_points"], **b["kwargs"])
-    wrapper = blob.get("wrapper")
-    if wrapper is not None:
-        if wrapper.get("name") != "rotated_heads":
-            raise ValueError(f"{path}: unknown inference wrapper {wrapper.get('name')!r}")
-        model = RotatedHeads.from_network(model, wrapper["rotations"])
+    model = rebuild_inference(model, blob.get("wrapper"))
     load_state(model, blob["state_dict"], str(path))
     return model.eval(), blob

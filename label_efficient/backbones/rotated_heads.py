@@ -73,3 +73,13 @@ class RotatedHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.stack(rotated_head_probs(self.body, self.heads, self.rotations, x)).mean(0)
         return mean.clamp_min(1e-12).log()
+
+
+def rebuild(model: nn.Module, spec: dict | None) -> nn.Module:
+    """The inference module a ``model.pt`` describes: ``model`` itself, or ``model`` wrapped as its ``bundle_spec``
+    says (weights are loaded afterwards)."""
+    if spec is None:
+        return model
+    if spec.get("name") != "rotated_heads":
+        raise ValueError(f"unknown inference wrapper {spec.get('name')!r} in a model bundle")
+    return RotatedHeads.from_network(model, spec["rotations"])
