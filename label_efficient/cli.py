@@ -25,12 +25,12 @@ def _cmd_run(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate
     from .recipe import load_recipe
-    from .runner import DataContext, load_bundle
+    from .runner import DataContext, load_for_evaluation
     from .utils import atomic_write_json
 
     recipe = load_recipe(args.recipe, args.set)
-    model, blob = load_bundle(args.model)
     ctx = DataContext.build(recipe.stage_data(len(recipe.stages) - 1), recipe.seed)
+    model = load_for_evaluation(recipe, ctx, args.model)
     vols = ctx.volumes(args.split, None)
     metrics = evaluate(model, vols, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
                        recipe.evaluation.metrics, roi_size=ctx.cfg.patch_size)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default outputs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("evaluate", help="score a model.pt on a split of the recipe's data")
+    p = sub.add_parser("evaluate", help="score a model.pt (or a stage's last/best.ckpt) on a split of the recipe's data")
     p.add_argument("recipe")
     p.add_argument("--model", required=True)
     p.add_argument("--split", default="test")

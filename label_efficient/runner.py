@@ -86,6 +86,16 @@ def build_model(recipe: Recipe, ctx: DataContext) -> torch.nn.Module:
                           tap_points=b.tap_points, **b.kwargs)
 
 
+def load_for_evaluation(recipe: Recipe, ctx: DataContext, path: str | Path) -> torch.nn.Module:
+    """A ``model.pt`` bundle, or the student network of a stage checkpoint (``last.ckpt``/``best.ckpt``) built
+    from ``recipe``'s backbone, in eval mode."""
+    if str(path).endswith(".ckpt"):
+        model = build_model(recipe, ctx)
+        _init_weights(model, str(path), None, {"backbone": recipe.backbone.name, **ctx.meta}, "evaluate")
+        return model.eval()
+    return load_bundle(path)[0]
+
+
 def _streams(strategy_cls: type[Strategy], ctx: DataContext, batch, stage_name: str) -> dict[str, Stream]:
     streams = {}
     if strategy_cls.needs_labeled:

@@ -141,6 +141,10 @@ def test_cli_run_predict_evaluate_list(image_folder, tmp_path, capsys):
     assert main(["evaluate", str(recipe), "--model", str(tmp_path / "out/model.pt"),
                  "--output", str(tmp_path / "ev.json")]) == 0
     assert "mean_dice" in json.loads((tmp_path / "ev.json").read_text())
+    assert main(["evaluate", str(recipe), "--model", str(tmp_path / "out/stage0_supervised/best.ckpt"),
+                 "--output", str(tmp_path / "ev_ckpt.json")]) == 0  # a stage checkpoint scores as its model.pt
+    assert json.loads((tmp_path / "ev_ckpt.json").read_text())["mean_dice"] == pytest.approx(
+        json.loads((tmp_path / "ev.json").read_text())["mean_dice"], abs=1e-6)
     capsys.readouterr()
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
