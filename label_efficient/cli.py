@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default outputs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("evaluate", help="score a model.pt (or a stage's last/best.ckpt) on a split of the recipe's data")
+    p = sub.add_parser("evaluate", help="score a model.pt (or a stage last/best.ckpt) on a split of the recipe data")
     p.add_argument("recipe")
     p.add_argument("--model", required=True)
     p.add_argument("--split", default="test")

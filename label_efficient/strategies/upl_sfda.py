@@ -7,8 +7,9 @@ input rotated by r_k·90° (r = 1, 2, 3, 0) and its softmax is rotated back. Per
   2. Pass 2 (grad): recompute p_k; L_TFS = mean_{k,c} 1 − (2Σ q·Y_c + s)/(ΣY_c + Σq² + s), q = p_kc ⊙ Y_c, s = 1e-4
      (twice-forward supervision: only pixels pseudo-labelled c count for class c).
   3. L = L_TFS + λ·L_ME with L_ME = −Σ p̄ log₂(p̄ + 1e-10)/(N·C·|Ω|), the entropy of the head mean.
-Inference averages the K rotated heads (``RotatedHeads``, also what ``model.pt`` holds). The heads form their own optimizer parameter group with Adam betas
-(0.5, 0.999), the rest of the network the optimizer's defaults (official code). Departures from the official code
+Inference averages the K rotated heads (``RotatedHeads``, also what ``model.pt`` holds). The heads form their own
+optimizer parameter group with Adam betas (0.5, 0.999), the rest of the network the optimizer's defaults (official
+code). Departures from the official code
 (spec pitfalls): BN runs in train mode during adaptation by default (``bn_mode="frozen"`` keeps the incoming
 running statistics, which is what the official code effectively does from its second epoch on) and in eval mode at
 test; only the final 1×1 head is cloned (the official code clones the whole decoder, which a generic backbone does
