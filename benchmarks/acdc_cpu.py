@@ -20,64 +20,68 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "acdc_cpu.json"
+RESULTS_V1 = HERE / "results" / "acdc_cpu_v1.json"  #: rows of the superseded protocol v1 (kept, shown apart)
 
-#: The pinned protocol: every row shares it; a strategy adds only its own stage layout and config.
+#: The pinned protocol (v2, issue 9): the official BCP code's configuration scaled to this CPU: its U-Net
+#: (``basic_unet``: max-pool, two convs per level, encoder dropout), SGD 0.01 with momentum 0.9 at a constant rate,
+#: 12 labelled + 12 unlabelled slices at 128², 3000 steps, validation every 200 steps on all 20 val volumes.
+#: Every row shares it; a strategy adds only its own stage layout and config.
 PROTOCOL = {
     "seed": 1337,
-    "data": {"dataset": "acdc", "image_size": [128, 128], "max_val_cases": 10},
-    "backbone": {"name": "unet", "kwargs": {"channels": [16, 32, 64, 128, 256], "num_res_units": 0}},
-    "trainer": {"precision": "bf16-mixed", "progress_bar": False, "log_every": 50},
-    "steps": 2000,
-    "val_every": 250,
-    "batch_size": {"labeled": 8, "unlabeled": 8},
-    "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001, "schedule": "poly"},
+    "data": {"dataset": "acdc", "image_size": [128, 128], "max_val_cases": None},
+    "backbone": {"name": "basic_unet", "kwargs": {}},
+    "trainer": {"precision": "auto", "progress_bar": False, "log_every": 50},
+    "steps": 3000,
+    "val_every": 200,
+    "batch_size": {"labeled": 12, "unlabeled": 12},
+    "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001, "schedule": "constant"},
 }
-#: The supervised ceiling (all 70 train patients) trains longer, to convergence, selected on val.
-CEILING_STEPS = 6000
+#: The supervised ceiling (all 70 train patients) uses the same schedule.
+CEILING_STEPS = PROTOCOL["steps"]
 BUDGETS = {"labeled_3": {"flag": "labeled_3"}, "labeled_7": {"flag": "labeled_7"}, "all": {"all": True}}
 
+#: Settings of protocol v1 (MONAI UNet without residual units, AdamW 3e-3 poly, batch 8 + 8), for the ablation.
+V1_BACKBONE = {"name": "unet", "kwargs": {"channels": [16, 32, 64, 128, 256], "num_res_units": 0}}
+V1_OPTIMIZER = {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001, "schedule": "poly"}
+V1_BATCH = {"labeled": 8, "unlabeled": 8}
 
-#: SSL4MIS's optimizer: SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly (power 0.9) decay.
-SSL4MIS_SGD = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001, "schedule": "poly"}
-
-#: Named variants: a row name mapped to a registered strategy, the settings it changes from its defaults and,
-#: optionally, another optimizer than the protocol's and the row its gap closed is measured from (``None``: it is
-#: a baseline itself; default ``supervised``).
+#: Named variants: a row name mapped to a registered strategy and what it changes from the protocol (``config``,
+#: ``optimizer``, ``backbone``, ``batch_size``), and the row its gap closed is measured from (``None``: none,
+#: default ``supervised``). The ``bcp_pretrain_*`` rows are the ablation of the v1 → v2 gap: BCP's copy-paste
+#: pre-training alone, with one v1 setting put back.
 VARIANTS = {
-    # mean teacher + a kornia photometric strong view for the student, consistency weight 1 ramped over 40 %
-    "mean_teacher_strong": {"strategy": "mean_teacher",
-                            "config": {"student_view": "strong", "consistency": 1.0, "rampup_fraction": 0.4}},
-    # mean teacher with BN statistics of the labelled and unlabelled inputs kept apart (one student pass each)
-    "mean_teacher_sepbn": {"strategy": "mean_teacher", "config": {"student_passes": "separate"}},
-    # both arms with SSL4MIS's SGD instead of AdamW (Adam rescales a small consistency gradient to full step size)
-    "supervised_sgd": {"strategy": "supervised", "optimizer": SSL4MIS_SGD, "baseline": None},
-    "mean_teacher_sgd": {"strategy": "mean_teacher", "optimizer": SSL4MIS_SGD, "baseline": "supervised_sgd"},
+    "bcp_pretrain_v1net": {"strategy": "bcp_pretrain", "backbone": V1_BACKBONE, "baseline": None},
+    "bcp_pretrain_adamw": {"strategy": "bcp_pretrain", "optimizer": V1_OPTIMIZER, "baseline": None},
+    "bcp_pretrain_b8": {"strategy": "bcp_pretrain", "batch_size": V1_BATCH, "baseline": None},
+    "bcp_pretrain_v1": {"strategy": "bcp_pretrain", "backbone": V1_BACKBONE, "optimizer": V1_OPTIMIZER,
+                        "batch_size": V1_BATCH, "baseline": None},
+    "bcp_teacher_eval": {"strategy": "bcp", "config": {"teacher_eval_mode": True}},
 }
 
 
 def stages(strategy: str, steps: int) -> list[dict]:
-    common = {"val_every": PROTOCOL["val_every"], "batch_size": PROTOCOL["batch_size"],
-              "optimizer": PROTOCOL["optimizer"]}
-    if strategy in VARIANTS:
-        v = VARIANTS[strategy]
-        return [{**common, "strategy": v["strategy"], "steps": steps, "config": v.get("config", {}),
-                 "optimizer": v.get("optimizer", PROTOCOL["optimizer"])}]
-    if strategy == "bcp":  # BCP: copy-paste pre-training (1/4 of the steps), then self-training from its best
-        pre = steps // 4
-        return [{"strategy": "bcp_pretrain", "steps": pre, **common},
-                {"strategy": "bcp", "steps": steps - pre, "init": "previous_best", **common}]
-    return [{"strategy": strategy, "steps": steps, **common}]
+    v = VARIANTS.get(strategy, {"strategy": strategy})
+    common = {"val_every": PROTOCOL["val_every"], "batch_size": v.get("batch_size", PROTOCOL["batch_size"]),
+              "optimizer": v.get("optimizer", PROTOCOL["optimizer"]), "config": v.get("config", {})}
+    if v["strategy"] == "bcp":  # BCP: copy-paste pre-training (1/3 of the steps), then self-training from its best
+        pre = steps // 3
+        return [{**common, "strategy": "bcp_pretrain", "steps": pre},
+                {**common, "strategy": "bcp", "steps": steps - pre, "init": "previous_best"}]
+    return [{**common, "strategy": v["strategy"], "steps": steps}]
 
 
 def recipe(strategy: str, labeled: str) -> dict:
     steps = CEILING_STEPS if (strategy == "supervised" and labeled == "all") else PROTOCOL["steps"]
     return {"name": f"acdc_cpu_{strategy}_{labeled}", "seed": PROTOCOL["seed"],
-            "data": {**PROTOCOL["data"], "budget": BUDGETS[labeled]}, "backbone": PROTOCOL["backbone"],
+            "data": {**PROTOCOL["data"], "budget": BUDGETS[labeled]},
+            "backbone": VARIANTS.get(strategy, {}).get("backbone", PROTOCOL["backbone"]),
             "trainer": PROTOCOL["trainer"], "stages": stages(strategy, steps)}
 
 
-DEFAULT_ROWS = ["supervised:labeled_3", "supervised:labeled_7", "supervised:all",
-                "mean_teacher:labeled_3", "mean_teacher:labeled_7"]
+#: The full table: 3 seeds of supervised at 3 / 7 / all patients and of each semi-supervised strategy at 3 and 7.
+SEEDS = (1337, 1338, 1339)
+DEFAULT_ROWS = [f"supervised:{b}:{s}" for b in BUDGETS for s in SEEDS] + [
+    f"{st}:{b}:{s}" for st in ("bcp", "mean_teacher", "dsaif") for b in ("labeled_3", "labeled_7") for s in SEEDS]
 
 
 def run_row(row: str, runs: Path, build=None, protocol: dict | None = None) -> dict:
@@ -262,7 +266,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, help="strategy:budget pairs")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--runs", default=str(HERE / "runs"))
+    ap.add_argument("--runs", default=str(HERE / "runs" / "acdc_v2"))
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))

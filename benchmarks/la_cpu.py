@@ -19,7 +19,7 @@ PROTOCOL = {
     "seed": 1337,
     "patch_size": [80, 80, 48],
     "backbone": {"name": "unet", "kwargs": {"channels": [16, 32, 64, 128], "num_res_units": 0}},
-    "trainer": {"precision": "bf16-mixed", "progress_bar": False, "log_every": 25},
+    "trainer": {"precision": "auto", "progress_bar": False, "log_every": 25},
     "steps": 600,
     "batch_size": {"labeled": 2, "unlabeled": 2},
     "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001, "schedule": "poly"},

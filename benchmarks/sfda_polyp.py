@@ -26,7 +26,7 @@ PROTOCOL = {
     "seed": 1337,
     "image_size": [128, 128],
     "backbone": {"name": "unet", "kwargs": {"channels": [16, 32, 64, 128, 256], "num_res_units": 0}},
-    "trainer": {"precision": "bf16-mixed", "progress_bar": False, "log_every": 50},
+    "trainer": {"precision": "auto", "progress_bar": False, "log_every": 50},
     "source_steps": 3000,
     "adapt_steps": 300,
     "batch": 8,

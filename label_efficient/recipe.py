@@ -79,7 +79,8 @@ class TrainerConfig(_Strict):
     accelerator: str = "auto"
     devices: Union[int, str] = "auto"
     strategy: str = "auto"  #: Lightning distribution strategy, e.g. ddp
-    precision: str = "32-true"  #: e.g. bf16-mixed (+25–45 % speed on AVX-512 bf16 CPUs)
+    precision: str = "auto"  #: auto: bf16 where the device runs it natively, else fp32 (label_efficient.precision)
+    channels_last: bool = True  #: 2D networks in NHWC memory format (faster convolutions on CPU and GPU)
     log_every: int = 10
     progress_bar: bool = True
 

@@ -31,10 +31,11 @@ from .data.loaders import volume_loader
 from .data.readers import DataError
 from .evaluation import evaluate
 from .ood import OODDetector, pooled_features
+from .precision import log_choice
 from .lightning import AtomicCheckpointIO, ResumableCSVLogger, StrategyModule, check_meta, load_state
 from .recipe import DataConfig, Recipe
 from .strategies import STRATEGIES, Strategy
-from .utils import atomic_torch_save, atomic_write_json, atomic_write_text, seed_everything
+from .utils import atomic_torch_save, atomic_write_json, atomic_write_text, seed_everything, use_channels_last
 
 log = logging.getLogger("label_efficient")
 BUNDLE_FORMAT = "label_efficient.model/1"
@@ -82,8 +83,9 @@ class DataContext:
 
 def build_model(recipe: Recipe, ctx: DataContext) -> torch.nn.Module:
     b = recipe.backbone
-    return build_backbone(b.name, ctx.spec.spatial_dims, ctx.spec.in_channels, ctx.spec.num_classes,
-                          tap_points=b.tap_points, **b.kwargs)
+    model = build_backbone(b.name, ctx.spec.spatial_dims, ctx.spec.in_channels, ctx.spec.num_classes,
+                           tap_points=b.tap_points, **b.kwargs)
+    return use_channels_last(model) if recipe.trainer.channels_last and ctx.spec.spatial_dims == 2 else model
 
 
 def load_for_evaluation(recipe: Recipe, ctx: DataContext, path: str | Path) -> torch.nn.Module:
@@ -147,6 +149,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     t_start = time.time()
+    precision = log_choice(recipe.trainer.precision, recipe.trainer.accelerator)
     previous: dict | None = None
     stage_reports = []
     for i, stage in enumerate(recipe.stages):
@@ -182,7 +185,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                            if resume_from else None)
             trainer = pl.Trainer(
                 accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,
-                precision=recipe.trainer.precision, max_steps=stage.steps, max_epochs=-1, callbacks=[last_ckpt, ckpt] if val else [last_ckpt],
+                precision=precision, max_steps=stage.steps, max_epochs=-1, callbacks=[last_ckpt, ckpt] if val else [last_ckpt],
                 logger=ResumableCSVLogger(sdir, resume_step), log_every_n_steps=recipe.trainer.log_every,
                 num_sanity_val_steps=0, limit_val_batches=1.0 if val else 0, enable_progress_bar=recipe.trainer.progress_bar,
                 plugins=[AtomicCheckpointIO()], enable_model_summary=False, default_root_dir=sdir,

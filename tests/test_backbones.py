@@ -7,6 +7,7 @@ from label_efficient.backbones import (BACKBONES, FeatureTap, batchnorm_layers, 
 
 SMALL = {
     "unet": {"channels": [8, 16, 32]},
+    "basic_unet": {"features": [8, 8, 16, 16, 32, 8]},
     "unet++": {"features": [8, 8, 16, 16, 32, 8]},
     "attention_unet": {"channels": [8, 16, 32]},
     "segresnet": {"init_filters": 8},
@@ -33,10 +34,44 @@ def test_zoo_2d_forward_and_taps(name):
     assert torch.allclose(head(tap["decoder"]), y, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["unet", "segresnet", "resunet++"])
+@pytest.mark.parametrize("name", ["unet", "basic_unet", "segresnet", "resunet++"])
 def test_zoo_3d_forward(name):
     model = build_backbone(name, 3, 1, 2, **SMALL[name])
     assert model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+
+
+def test_basic_unet_is_the_ssl4mis_unet():
+    """Max-pool down, two convs per level, encoder dropout 0.05…0.5 (first conv of each level), none in the decoder;
+    1.8 M parameters at 16…256 channels like SSL4MIS's U-Net."""
+    model = build_backbone("basic_unet", 2, 1, 4)
+    assert 1.7e6 < sum(p.numel() for p in model.parameters()) < 1.9e6
+    drops = {n: m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0}
+    assert list(drops.values()) == [0.05, 0.1, 0.2, 0.3, 0.5]
+    assert all("upcat" not in n for n in drops)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 4
+    model.eval()
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(model(x), model(x))  # eval: dropout off
+    with pytest.raises(ValueError, match="one p per encoder level"):
+        build_backbone("basic_unet", 2, 1, 4, dropout=[0.1, 0.2])
+
+
+def test_channels_last_keeps_outputs_and_reaches_copies():
+    import copy
+
+    from label_efficient.utils import use_channels_last
+
+    torch.manual_seed(0)
+    model = build_backbone("basic_unet", 2, 1, 3, features=[8, 8, 16, 16, 32, 8]).eval()
+    x = torch.randn(2, 1, 32, 32)
+    ref = model(x)
+    use_channels_last(model)
+    out = model(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert copy.deepcopy(model)(x).is_contiguous(memory_format=torch.channels_last)  # an EMA teacher keeps it
+    model.load_state_dict(build_backbone("basic_unet", 2, 1, 3, features=[8, 8, 16, 16, 32, 8]).state_dict())
+    assert model(x).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_batchnorm_layers_found():

@@ -74,6 +74,32 @@ def unet(spatial_dims, in_channels, num_classes, channels: Sequence[int] = (16, 
                            2 ** (len(channels) - 1))
 
 
+#: SSL4MIS/BCP U-Net encoder dropout, one p per level (shallow → deep); the decoder has none
+SSL4MIS_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+@BACKBONES.register("basic_unet")
+def basic_unet(spatial_dims, in_channels, num_classes, features: Sequence[int] = (16, 32, 64, 128, 256, 16),
+               norm: str = "batch", dropout: float | Sequence[float] = SSL4MIS_DROPOUT, negative_slope: float = 0.01,
+               upsample: str = "nontrainable", **kw) -> nn.Module:
+    """MONAI ``BasicUNet`` set up as the U-Net of SSL4MIS/BCP/UniMatch (Ronneberger 2015): max-pool down, two
+    3×3 conv + BN + LeakyReLU(0.01) per level, 1×1 conv + bilinear up, 16…256 channels, encoder dropout
+    0.05…0.5 (a float applies one p to every block, encoder and decoder). Strong at few labels."""
+    from monai.networks.nets import BasicUNet
+
+    per_level = isinstance(dropout, (list, tuple))
+    if per_level and len(dropout) != 5:
+        raise ValueError(f"basic_unet: dropout takes one p per encoder level (5), got {list(dropout)}")
+    body = BasicUNet(spatial_dims, in_channels, num_classes, features=tuple(features), norm=norm,
+                     act=("LeakyReLU", {"negative_slope": negative_slope, "inplace": True}),
+                     dropout=0.0 if per_level else dropout, upsample=upsample, **kw)
+    if per_level:  # SSL4MIS ConvBlock: conv-BN-act-dropout-conv-BN-act (dropout commutes with LeakyReLU)
+        for level, p in zip(("conv_0", "down_1.convs", "down_2.convs", "down_3.convs", "down_4.convs"), dropout):
+            body.get_submodule(level).conv_0.adn.D.p = float(p)
+    head, body.final_conv = body.final_conv, nn.Identity()
+    return SegmentationNet(body, head, "down_4", 16)
+
+
 @BACKBONES.register("unet++")
 def unet_plus_plus(spatial_dims, in_channels, num_classes, features: Sequence[int] = (16, 32, 64, 128, 256, 16),
                    norm: str = "batch", dropout: float = 0.0, **kw) -> nn.Module:

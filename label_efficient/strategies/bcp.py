@@ -8,9 +8,10 @@ Stage 2 (``bcp``), per step, with the EMA teacher T initialised from the best st
   3. L = L_in + L_out, each ℓ = ½(CE_R + Dice_R) per region R ∈ {M, 1−M}, pseudo-labelled region weighted α
   4. SGD step, then θ_T ← 0.99 θ_T + 0.01 θ_S
 M is 1 outside one random box and 0 inside; each box side is β = 2/3 of the image side; one M per step serves both
-mixes. Departures from the official code (spec pitfalls): the teacher predicts in eval mode, and the Dice is
-batch-summed for 2D and 3D alike (the official LA Dice is per sample with a linear denominator: set
-``squared_dice: false`` for its denominator).
+mixes. As in the official code the student sees the two mixes in two passes (BN statistics per mix) and the
+teacher predicts in train mode (dropout and batch statistics on; ``teacher_eval_mode: true`` turns them off).
+Departure: the Dice is batch-summed for 2D and 3D alike (the official LA Dice is per sample with a linear
+denominator: set ``squared_dice: false`` for its denominator).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class BCPConfig(StrategyConfig):
     ema_buffers: bool = True  #: average BN statistics too (ACDC code); the LA code averages parameters only
     largest_component: bool = True  #: clean teacher pseudo labels by the largest connected component per class
     squared_dice: bool = True  #: Σp²+Σy² denominators (ACDC); false for the linear LA Dice
-    teacher_eval_mode: bool = True
+    teacher_eval_mode: bool = False  #: official code: the teacher stays in train mode
 
 
 @register_strategy("bcp_pretrain")
@@ -113,10 +114,8 @@ class BCP(Strategy):
         mask = box_mask(tuple(a.shape[2:]), c.beta, a.device)
         x_in, y_in = copy_paste(u, a, mask), copy_paste(yu, ya, mask)
         x_out, y_out = copy_paste(b, v, mask), copy_paste(yb, yv, mask)
-        logits = self.model(torch.cat([x_in, x_out]))
-        n = a.shape[0]
-        loss_in = region_loss(logits[:n], y_in, mask, c.u_weight, 1.0, c.squared_dice)
-        loss_out = region_loss(logits[n:], y_out, mask, 1.0, c.u_weight, c.squared_dice)
+        loss_in = region_loss(self.model(x_in), y_in, mask, c.u_weight, 1.0, c.squared_dice)
+        loss_out = region_loss(self.model(x_out), y_out, mask, 1.0, c.u_weight, c.squared_dice)
         loss = loss_in + loss_out
         return StepOutput(loss, {"loss_in": loss_in.detach(), "loss_out": loss_out.detach()})
 
