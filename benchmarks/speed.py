@@ -2,6 +2,8 @@
 same forward/backward passes on the same pre-built batches (ACDC slices at the ACDC-CPU protocol's size).
 
     python benchmarks/speed.py [--steps 100] [--threads 2] [--repeats 5] [--strategies mean_teacher ...]
+    # the official BCP configuration (its U-Net, batch 12 + 12, SGD), for the side-by-side with its script:
+    python benchmarks/speed.py --backbone basic_unet --batch 12 --optimizer sgd --strategies bcp --out speed_bcp.json
 
 Run it alone on the machine: another busy process changes the numbers by 20–40× on 2 cores.
 """
@@ -17,7 +19,6 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SPEED_RESULTS = HERE / "results" / "speed.json"
 
 
 def batches(n: int, size: int, nl: int, nu: int):
@@ -30,10 +31,24 @@ def batches(n: int, size: int, nl: int, nu: int):
     return [sb[(0, i)] for i in range(n)]
 
 
+SPEED_RESULTS = HERE / "results" / "speed.json"  # the default --out, read by acdc_cpu.py
+BACKBONE, OPTIMIZER = "unet", "adamw"  # set in main()
+OPTIMIZERS = {"adamw": dict(name="adamw", lr=3e-3, weight_decay=0.01),
+              "sgd": dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4)}
+
+
 def model():
     from label_efficient.backbones import build_backbone
+    from label_efficient.utils import use_channels_last
 
-    return build_backbone("unet", 2, 1, 4, channels=[16, 32, 64, 128, 256], num_res_units=0)
+    if BACKBONE == "unet":
+        return build_backbone("unet", 2, 1, 4, channels=[16, 32, 64, 128, 256], num_res_units=0)
+    return use_channels_last(build_backbone(BACKBONE, 2, 1, 4))  # as the runner builds it (trainer.channels_last)
+
+
+def _optimizer(params):
+    kw = dict(OPTIMIZERS[OPTIMIZER])
+    return (torch.optim.SGD if kw.pop("name") == "sgd" else torch.optim.AdamW)(params, **kw)
 
 
 def _timed(data, steps, step) -> float:
@@ -46,6 +61,16 @@ def _timed(data, steps, step) -> float:
     return (steps - 5) / (time.perf_counter() - t0)
 
 
+PRECISION = None  # set in main(): the precision ``trainer.precision: auto`` picks on this host
+
+
+def _autocast():
+    """bf16 autocast only where the CPU runs it natively (label_efficient.precision), else plain fp32."""
+    import contextlib
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if PRECISION == "bf16-mixed" else contextlib.nullcontext()
+
+
 def _loss_fn():
     from monai.losses import DiceCELoss
 
@@ -53,11 +78,11 @@ def _loss_fn():
 
 
 def _student_teacher():
-    """A fresh student, its frozen copy, ½(CE+Dice) and AdamW — the setup every raw loop shares."""
+    """A fresh student, its frozen copy, ½(CE+Dice) and the optimizer — the setup every raw loop shares."""
     import copy
 
     net = model().train()
-    return net, copy.deepcopy(net).eval(), _loss_fn(), torch.optim.AdamW(net.parameters(), lr=3e-3)
+    return net, copy.deepcopy(net).eval(), _loss_fn(), _optimizer(net.parameters())
 
 
 def raw_supervised(data, steps):
@@ -65,7 +90,7 @@ def raw_supervised(data, steps):
     net, _, loss_fn, opt = _student_teacher()
 
     def step(i, b):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast():
             loss = loss_fn(net(b["labeled"]["image"]), b["labeled"]["label"][:, None])
         opt.zero_grad()
         loss.backward()
@@ -80,7 +105,7 @@ def raw_mean_teacher(data, steps):
 
     def step(i, b):
         xl, yl, xu = b["labeled"]["image"], b["labeled"]["label"], b["unlabeled"]["image"]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast():
             out = net(torch.cat([xl, xu]))
             with torch.no_grad():
                 t = teacher(xu + (torch.randn_like(xu) * 0.1).clamp(-0.2, 0.2)).softmax(1)
@@ -104,7 +129,7 @@ def raw_bcp_passes(data, steps):
 
     def step(i, b):
         xl, yl, xu = b["labeled"]["image"], b["labeled"]["label"], b["unlabeled"]["image"]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast():
             with torch.no_grad():
                 teacher(xu[: len(xu) // 2]), teacher(xu[len(xu) // 2 :])
             loss = loss_fn(net(torch.cat([xu[: len(xu) // 2], xl[len(xl) // 2 :]])), yl[:, None])
@@ -121,10 +146,10 @@ def strategy_loop(name, data, steps):
     s = build_strategy(name, model(), 4)
     s.setup(steps)
     s.train()
-    opt = torch.optim.AdamW(s.trainable_parameters(), lr=3e-3)
+    opt = _optimizer(s.trainable_parameters())
 
     def step(i, b):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast():
             out = s.training_step(b, i)
         opt.zero_grad()
         out.loss.backward()
@@ -161,9 +186,9 @@ def lightning_loop(name, data, steps):
     from label_efficient.strategies import build_strategy
 
     s = build_strategy(name, model(), 4)
-    module = StrategyModule(s, OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.01, schedule="constant"), steps)
+    module = StrategyModule(s, OptimizerConfig(**OPTIMIZERS[OPTIMIZER], schedule="constant"), steps)
     timer = _Timer().cb
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, precision="bf16-mixed", logger=False,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, precision=PRECISION, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data[:steps], batch_size=None))
@@ -179,13 +204,25 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the median is reported")
     ap.add_argument("--strategies", nargs="*", default=list(RAW), choices=list(RAW))
+    ap.add_argument("--backbone", default="unet", help="zoo name; `unet` is the MONAI U-Net 16…256 of the old table")
+    ap.add_argument("--batch", type=int, default=8, help="labelled and unlabelled images per step, each")
+    ap.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    ap.add_argument("--out", default="speed.json", help="file name under benchmarks/results/")
     args = ap.parse_args()
+    global BACKBONE, OPTIMIZER
+    BACKBONE, OPTIMIZER = args.backbone, args.optimizer
+    results = HERE / "results" / args.out
     torch.set_num_threads(args.threads)
     import logging
 
+    from label_efficient.precision import resolve_precision
+
+    global PRECISION
+    PRECISION = resolve_precision("auto", "cpu")
+
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    data = batches(args.steps, 128, 8, 8)
-    rows = {r["strategy"]: r for r in json.loads(SPEED_RESULTS.read_text())} if SPEED_RESULTS.exists() else {}
+    data = batches(args.steps, 128, args.batch, args.batch)
+    rows = {r["strategy"]: r for r in json.loads(results.read_text())} if results.exists() else {}
     for name in args.strategies:
         # Interleaved repeats (raw, Lightning, plain loop, raw, ...): a slow drift of the machine hits all three alike.
         its: dict[str, list[float]] = {"raw": [], "lightning": [], "loop": []}
@@ -197,12 +234,13 @@ def main():
         r, lt, sl = (statistics.median(its[k]) for k in ("raw", "lightning", "loop"))
         rows[name] = {"strategy": name, "raw_its": r, "lightning_its": lt, "strategy_loop_its": sl,
                      "overhead_pct": 100 * (r / lt - 1), "loop_overhead_pct": 100 * (r / sl - 1),
-                     "threads": args.threads, "steps": args.steps, "statistic": "median",
+                     "threads": args.threads, "steps": args.steps, "statistic": "median", "precision": PRECISION,
+                     "backbone": BACKBONE, "batch": args.batch, "optimizer": OPTIMIZER,
                      "repeats": {k: [round(x, 3) for x in v] for k, v in its.items()},
                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         print(json.dumps(rows[name]), flush=True)
-    SPEED_RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    SPEED_RESULTS.write_text(json.dumps([rows[k] for k in RAW if k in rows], indent=2) + "\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps([rows[k] for k in RAW if k in rows], indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from .backbones import build_backbone
+from .backbones import build_backbone, part_modules
 from .backbones.rotated_heads import rebuild as rebuild_inference
 from .data import CaseStore, DatasetSpec, StepBatches, Stream, build_dataset, eval_volumes, split_labeled, train_loader
 from .data.loaders import volume_loader
@@ -32,7 +32,8 @@ from .data.readers import DataError
 from .evaluation import evaluate
 from .ood import OODDetector, pooled_features
 from .precision import log_choice
-from .lightning import AtomicCheckpointIO, ResumableCSVLogger, StrategyModule, check_meta, load_state
+from .lightning import (AtomicCheckpointIO, CheckpointMismatchError, ResumableCSVLogger, StrategyModule, check_meta,
+                        load_state)
 from .recipe import DataConfig, Recipe
 from .strategies import STRATEGIES, Strategy
 from .utils import atomic_torch_save, atomic_write_json, atomic_write_text, seed_everything, use_channels_last
@@ -52,14 +53,18 @@ class DataContext:
     unlabeled: list = field(default_factory=list)
 
     @classmethod
-    def build(cls, cfg: DataConfig, seed: int, source_free: bool = False) -> "DataContext":
-        """Resolve a data section; a source-free stage gets its domain's train images, all unlabelled."""
+    def build(cls, cfg: DataConfig, seed: int, source_free: bool = False, label_free: bool = False) -> "DataContext":
+        """Resolve a data section; a source-free or label-free stage gets its domain's train images, all
+        unlabelled (a label budget is then ignored and no mask is read)."""
         spec = build_dataset(cfg.dataset, cfg.root, **cfg.options)
         store = CaseStore(spec, cfg.image_size, cfg.on_corrupt)
         train = spec.select(cfg.train_split, cfg.domain)
-        if source_free:
+        if source_free or label_free:
             if not train:
-                raise DataError(f"the target train split of '{spec.name}' (domain {cfg.domain}) is empty")
+                raise DataError(f"the train split of '{spec.name}' (domain {cfg.domain}) is empty")
+            if label_free and not cfg.budget.all:
+                log.info("label-free stage: its label budget is ignored; all %d train images are used unlabelled "
+                         "and no mask is read", len(train))
             labeled, unlabeled = [], train
         else:
             labeled, unlabeled = split_labeled(train, cfg.budget)
@@ -98,23 +103,42 @@ def load_for_evaluation(recipe: Recipe, ctx: DataContext, path: str | Path) -> t
     return load_bundle(path)[0]
 
 
-def _streams(strategy_cls: type[Strategy], ctx: DataContext, batch, stage_name: str) -> dict[str, Stream]:
-    streams = {}
-    if strategy_cls.needs_labeled:
-        streams["labeled"] = Stream(ctx.labeled, batch.labeled, with_label=True)
-    if strategy_cls.needs_unlabeled:
+def _streams(strategy: Strategy, ctx: DataContext, batch, stage_name: str) -> dict[str, Stream]:
+    streams, options = {}, strategy.stream_options()
+    if strategy.needs_labeled:
+        streams["labeled"] = Stream(ctx.labeled, batch.labeled, with_label=True, **options.get("labeled", {}))
+    if strategy.needs_unlabeled:
         if not ctx.unlabeled:
-            raise DataError(f"stage '{stage_name}': strategy '{strategy_cls.name}' needs unlabelled data, but the "
+            raise DataError(f"stage '{stage_name}': strategy '{strategy.name}' needs unlabelled data, but the "
                             "label budget leaves no unlabelled case in the train split; lower the budget")
-        streams["unlabeled"] = Stream(ctx.unlabeled, batch.unlabeled, with_label=False)
+        streams["unlabeled"] = Stream(ctx.unlabeled, batch.unlabeled, with_label=False, **options.get("unlabeled", {}))
     return streams
+
+
+def _handed_over(model: torch.nn.Module, state: dict, parts: list[str] | None, stage: str) -> dict:
+    """The entries of ``state`` under the modules of ``parts`` (all of it for ``None``), checked against ``model``."""
+    if parts is None:
+        return state
+    prefixes = tuple(f"{name}." for name in part_modules(model, parts))
+    kept = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    own = model.state_dict()
+    bad = [k for k, v in kept.items() if k not in own or own[k].shape != v.shape]
+    if not kept or bad:
+        raise CheckpointMismatchError(f"stage '{stage}': the previous stage's parts {parts} do not fit this network "
+                                      f"(layers {bad[:3] or 'none found'}); use the same backbone in both stages")
+    log.info("stage '%s' starts from parts %s of the previous stage (%d tensors); the rest keeps its initialisation",
+             stage, parts, len(kept))
+    return kept
 
 
 def _init_weights(model: torch.nn.Module, init: str, previous: dict | None, meta: dict, stage: str) -> None:
     if init == "none" or (init.startswith("previous") and previous is None):
         return
     if init in ("previous_best", "previous_last"):
-        state = previous["best" if init == "previous_best" else "last"]
+        state = _handed_over(model, previous["best" if init == "previous_best" else "last"], previous.get("parts"), stage)
+        if previous.get("parts") is not None:
+            model.load_state_dict(state, strict=False)
+            return
     else:
         path = Path(init)
         if not path.is_file():
@@ -156,7 +180,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         name = stage.name or stage.strategy
         sdir = out / f"stage{i}_{name}"
         strategy_cls = STRATEGIES.get(stage.strategy)
-        ctx = DataContext.build(recipe.stage_data(i), recipe.seed, source_free=strategy_cls.source_free)
+        ctx = DataContext.build(recipe.stage_data(i), recipe.seed, source_free=strategy_cls.source_free,
+                                label_free=strategy_cls.label_free)
         meta = {"backbone": recipe.backbone.name, **ctx.meta, "stage": name, "strategy": stage.strategy}
         seed_everything(recipe.seed + i)
         model = build_model(recipe, ctx)
@@ -167,7 +192,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                                 overlap=recipe.evaluation.sw_overlap)
         done = sdir / "done.json"
         if not (resume and done.exists()):
-            batches = StepBatches(ctx.store, _streams(strategy_cls, ctx, stage.batch_size, name), stage.val_every,
+            batches = StepBatches(ctx.store, _streams(strategy, ctx, stage.batch_size, name), stage.val_every,
                                   seed=recipe.seed + 7919 * i, augment=ctx.cfg.augment, patch_size=ctx.cfg.patch_size,
                                   image_transform=strategy.image_transform())
             val = ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases) if strategy_cls.needs_labeled else []
@@ -204,7 +229,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         strategy.load_state_dict(_strategy_state(sdir / "last.ckpt"))
         last_state = copy.deepcopy(strategy.export_model().state_dict())
         strategy.load_state_dict(_strategy_state(sdir / info["best"]))
-        previous = {"best": copy.deepcopy(strategy.export_model().state_dict()), "last": last_state}
+        previous = {"best": copy.deepcopy(strategy.export_model().state_dict()), "last": last_state,
+                    "parts": strategy.handover_parts()}
         stage_reports.append({"stage": name, "strategy": stage.strategy, **info})
     # --- final evaluation, once, on the test split with the last stage's selected weights -------
     ev = recipe.evaluation

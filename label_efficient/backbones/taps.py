@@ -4,13 +4,16 @@ A *tap point* maps an alias to a module name (as in ``model.named_modules()``):
 
 - ``bottleneck``: the *output* of that module is recorded (deepest encoder feature);
 - ``head``: the final classifier; the *input* of that module is recorded as ``decoder``
-  (the last decoder feature map) and the module itself can be cloned or replaced.
+  (the last decoder feature map) and the module itself can be cloned or replaced;
+- ``encoder_1 … encoder_K`` (shallow → deep) and ``decoder_1 … decoder_K`` (deep → shallow): the blocks, for
+  strategies that train or hand over parts of a network (contrastive pre-training: the encoder, the first l
+  decoder blocks). A *part* is ``encoder``, ``decoder``, ``decoder:l`` (the first l blocks) or any alias.
 
 Zoo models carry ``model.tap_points``; user models pass the names explicitly.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -71,6 +74,45 @@ class FeatureTap:
         if alias not in self.features:
             raise KeyError(f"no feature '{alias}' recorded; recorded: {sorted(self.features)} (tap points {self.points})")
         return self.features[alias]
+
+
+def blocks(model: nn.Module, kind: str, points: Mapping[str, str] | None = None) -> list[str]:
+    """Module names of the numbered tap points ``<kind>_1, <kind>_2, …`` in order; an error if there are none."""
+    pts = resolve_tap_points(model, points)
+    names = []
+    while f"{kind}_{len(names) + 1}" in pts:
+        names.append(pts[f"{kind}_{len(names) + 1}"])
+    if not names:
+        raise KeyError(f"{type(model).__name__} declares no '{kind}_1', '{kind}_2', … tap points (its blocks); use a "
+                       f"zoo backbone that has them (e.g. basic_unet) or pass tap_points for your model")
+    return names
+
+
+def part_modules(model: nn.Module, parts: Sequence[str], points: Mapping[str, str] | None = None) -> list[str]:
+    """Module names of ``parts``: ``encoder``, ``decoder``, ``decoder:l`` (its first l blocks) or a tap alias."""
+    out = []
+    for part in parts:
+        kind, _, count = part.partition(":")
+        if kind in ("encoder", "decoder"):
+            names = blocks(model, kind, points)
+            if count and not 1 <= int(count) <= len(names):
+                raise ValueError(f"part '{part}': {type(model).__name__} has {len(names)} {kind} blocks")
+            out += names[: int(count)] if count else names
+        else:
+            pts = resolve_tap_points(model, points)
+            if part not in pts:
+                raise KeyError(f"unknown part '{part}'.{did_you_mean(part, pts)} Parts: encoder, decoder, decoder:l, "
+                               f"or a tap point {sorted(pts)}")
+            out.append(pts[part])
+    return out
+
+
+def out_channels(model: nn.Module, name: str) -> int:
+    """Channels of the feature map module ``name`` outputs (its last convolution's output channels)."""
+    convs = [m for m in model.get_submodule(name).modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convs:
+        raise ValueError(f"module '{name}' has no convolution to read its output channels from")
+    return convs[-1].out_channels
 
 
 def get_head(model: nn.Module, points: Mapping[str, str] | None = None) -> nn.Module:

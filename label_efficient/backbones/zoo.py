@@ -97,7 +97,11 @@ def basic_unet(spatial_dims, in_channels, num_classes, features: Sequence[int] =
         for level, p in zip(("conv_0", "down_1.convs", "down_2.convs", "down_3.convs", "down_4.convs"), dropout):
             body.get_submodule(level).conv_0.adn.D.p = float(p)
     head, body.final_conv = body.final_conv, nn.Identity()
-    return SegmentationNet(body, head, "down_4", 16)
+    net = SegmentationNet(body, head, "down_4", 16)
+    encoder = ["conv_0", "down_1", "down_2", "down_3", "down_4"]
+    net.tap_points.update({f"encoder_{i + 1}": f"body.{n}" for i, n in enumerate(encoder)})
+    net.tap_points.update({f"decoder_{i + 1}": f"body.upcat_{4 - i}" for i in range(4)})
+    return net
 
 
 @BACKBONES.register("unet++")

@@ -22,17 +22,40 @@ from .transforms import Augment2D, Augment3D
 
 @dataclass
 class Stream:
-    """A sampled stream of cases; ``with_label=False`` streams never read or return masks."""
+    """A sampled stream of cases; ``with_label=False`` streams never read or return masks.
+
+    Random batches by default. With ``partitions`` = S (volume-partition sampling, Chaitanya et al. 2020 §3.1) each
+    step draws ``volumes`` = m volumes, splits each volume's ordered slices into S equal chunks and takes one random
+    slice per chunk (set 1), then draws set 2 the same way: a batch of 2·m·S slices ordered
+    [set 1: volume 1 chunks 0…S−1, volume 2 …| set 2 …], each with its ``partition`` index. ``batch_size`` is then
+    2·m·S."""
 
     cases: Sequence[Case]
     batch_size: int
     with_label: bool
+    partitions: int | None = None
+    volumes: int = 5
 
     def __post_init__(self):
         if not self.cases:
             raise DataError(f"an empty {'labelled' if self.with_label else 'unlabelled'} stream cannot be sampled")
+        if self.partitions is not None:
+            self.batch_size = 2 * self.volumes * self.partitions
         if self.batch_size < 1:
             raise DataError(f"batch size must be ≥ 1, got {self.batch_size}")
+
+    def volume_slices(self) -> list[list[int]]:
+        """Indices into ``cases`` of each volume's slices, in slice order (for volume-partition sampling)."""
+        by_volume: dict[str, list[int]] = {}
+        for i, c in enumerate(self.cases):
+            by_volume.setdefault(c.volume, []).append(i)
+        vols = [sorted(ix, key=lambda i: self.cases[i].index) for _, ix in sorted(by_volume.items())]
+        short = [self.cases[v[0]].volume for v in vols if len(v) < (self.partitions or 1)]
+        if short:
+            raise DataError(f"volume-partition sampling with {self.partitions} partitions needs at least that many "
+                            f"slices per volume; {len(short)} volume(s) have fewer, e.g. {short[0]} "
+                            f"({len(by_volume[short[0]])} slices)")
+        return vols
 
 
 def _mix(*ints: int) -> int:
@@ -55,6 +78,7 @@ class StepBatches(Dataset):
             self.augment = Augment2D(enabled=augment)
         for s in self.streams.values():
             s.cases = store.load(s.cases, s.with_label)
+        self._volumes = {name: s.volume_slices() for name, s in self.streams.items() if s.partitions}
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -71,20 +95,38 @@ class StepBatches(Dataset):
         block, offset = divmod(position, n)
         return int(np.random.default_rng(_mix(self.seed, stream_id, block)).permutation(n)[offset])
 
+    def _partition_draw(self, sid: int, name: str, step: int) -> tuple[list[int], list[int]]:
+        """Case indices and partition indices of one volume-partition batch (see :class:`Stream`)."""
+        stream, vols = self.streams[name], self._volumes[name]
+        rng = np.random.default_rng(_mix(self.seed, sid, step, 1))
+        index, part = [], []
+        for _ in range(2):  # set 1, set 2
+            for v in rng.choice(len(vols), stream.volumes, replace=len(vols) < stream.volumes):
+                for p, chunk in enumerate(np.array_split(np.asarray(vols[v]), stream.partitions)):
+                    index.append(int(chunk[rng.integers(len(chunk))]))
+                    part.append(p)
+        return index, part
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, i = key
         step = epoch * self.steps_per_epoch + i
         out = {}
         for sid, (name, stream) in enumerate(sorted(self.streams.items())):
             images, labels = [], []
+            if stream.partitions:
+                index, part = self._partition_draw(sid, name, step)
+            else:
+                index = [self._index(sid, stream, step * stream.batch_size + j) for j in range(stream.batch_size)]
             for j in range(stream.batch_size):
-                case = stream.cases[self._index(sid, stream, step * stream.batch_size + j)]
+                case = stream.cases[index[j]]
                 item = self.store.get(case, stream.with_label)
                 img, lab = self.augment(self._image(case, item.image), item.label if stream.with_label else None, _mix(self.seed, sid, step, j))
                 images.append(torch.from_numpy(img))
                 if stream.with_label:
                     labels.append(torch.from_numpy(np.ascontiguousarray(lab)))
             out[name] = {"image": torch.stack(images)}
+            if stream.partitions:
+                out[name]["partition"] = torch.tensor(part)
             if stream.with_label:
                 out[name]["label"] = torch.stack(labels).long()
         return out

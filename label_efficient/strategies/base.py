@@ -49,6 +49,9 @@ class Strategy(nn.Module):
     #: streams the strategy consumes; the runner builds exactly these
     needs_labeled: ClassVar[bool] = True
     needs_unlabeled: ClassVar[bool] = False
+    #: label-free (self-/unsupervised) stage: every train image arrives unlabelled, whatever the label budget, no
+    #: mask is read, and the stage runs a fixed number of steps (no validation; its last checkpoint passes on)
+    label_free: ClassVar[bool] = False
     #: source-free adaptation: receives a trained model and unlabelled target images only, never labels
     source_free: ClassVar[bool] = False
 
@@ -79,6 +82,17 @@ class Strategy(nn.Module):
     def image_transform(self) -> Callable[[np.ndarray], np.ndarray] | None:
         """Optional CPU transform of each training image ``(C, *S) -> (C', *S)``, applied once per image by the
         data pipeline (cached, before augmentation), e.g. DSAIF's tree-filtered views. Default: none."""
+        return None
+
+    def stream_options(self) -> dict[str, dict[str, Any]]:
+        """Per-stream sampling options for the data pipeline, e.g. ``{"unlabeled": {"partitions": 4,
+        "volumes": 5}}`` (volume-partition sampling, see ``data.loaders.Stream``). Default: random batches."""
+        return {}
+
+    def handover_parts(self) -> list[str] | None:
+        """The parts of the network this stage trained and passes to the next stage (``encoder``, ``decoder:l``…,
+        see ``backbones.taps.part_modules``); the rest of the next stage's network keeps its own initialisation.
+        Default ``None``: the whole network."""
         return None
 
     # -- parameters and inference ----------------------------------------------------------------
