@@ -146,6 +146,9 @@ def _init_weights(model: torch.nn.Module, init: str, previous: dict | None, meta
         blob = torch.load(path, map_location="cpu", weights_only=True)
         check_meta(blob.get("label_efficient", blob.get("meta", {})), meta, str(path))
         state = blob["state_dict"]
+        if blob.get("parts") is not None:  # a pre-training bundle: only its trained parts pass on
+            model.load_state_dict(_handed_over(model, state, blob["parts"], stage), strict=False)
+            return
         if blob.get("wrapper"):  # an ensemble's model.pt: start from its plain network
             wrapped = rebuild_inference(copy.deepcopy(model), blob["wrapper"])
             load_state(wrapped, state, str(path))
@@ -217,10 +220,12 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
             )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*does not have many workers.*")
-                warnings.filterwarnings("ignore", ".*IterableDataset.*|.*num_workers.*|.*LeafSpec.*")
+                warnings.filterwarnings("ignore", ".*IterableDataset.*|.*num_workers.*|.*LeafSpec.*|.*val_dataloader.*")
                 trainer.fit(module, train_dataloaders=train_loader(batches, ctx.cfg.num_workers),
                             val_dataloaders=volume_loader(val) if val else None,
                             ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+            if not val and stage.steps % stage.val_every:  # the final steps after the last full epoch
+                trainer.save_checkpoint(last)
             best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
             score = ckpt.best_model_score if val else None
             atomic_write_json(done, {"best": best_path.name, "best_val_dice": float(score) if score is not None else None,
@@ -232,6 +237,14 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         previous = {"best": copy.deepcopy(strategy.export_model().state_dict()), "last": last_state,
                     "parts": strategy.handover_parts()}
         stage_reports.append({"stage": name, "strategy": stage.strategy, **info})
+    if strategy.label_free:  # pre-training only: nothing to score; model.pt hands its parts to a later run
+        metrics = {"mean_dice": None, "evaluated": False, "stages": stage_reports,
+                   "train_seconds": sum(s["seconds"] for s in stage_reports), "wall_seconds": time.time() - t_start,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        save_bundle(out / "model.pt", strategy.export_inference(), recipe, ctx, parts=previous["parts"])
+        atomic_write_json(out / "metrics.json", metrics)
+        log.info("label-free run: no test evaluation; fine-tune from %s (init: <path>)", out / "model.pt")
+        return metrics
     # --- final evaluation, once, on the test split with the last stage's selected weights -------
     ev = recipe.evaluation
     test = ctx.volumes(ev.split, ctx.cfg.max_test_cases)
@@ -277,10 +290,11 @@ def fit_ood(model: torch.nn.Module, ctx: DataContext, device, max_images: int = 
 
 
 def save_bundle(path: Path, model: torch.nn.Module, recipe: Recipe, ctx: DataContext,
-                detector: OODDetector | None = None) -> None:
+                detector: OODDetector | None = None, parts: list[str] | None = None) -> None:
     """Self-contained inference bundle: backbone spec, preprocessing, weights and the OOD detector
-    (loadable weights-only)."""
+    (loadable weights-only); ``parts``: what a stage initialised from it takes (None: the whole network)."""
     atomic_torch_save({
+        "parts": parts,
         "ood": detector.state_dict() if detector is not None else None,
         "format": BUNDLE_FORMAT,
         "meta": {"backbone": recipe.backbone.name, **ctx.meta},

@@ -107,6 +107,31 @@ def part_modules(model: nn.Module, parts: Sequence[str], points: Mapping[str, st
     return out
 
 
+class _Reached(Exception):
+    """Raised by :func:`forward_until`'s hook to stop a forward pass once the wanted module has run."""
+
+
+def forward_until(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The output of module ``name`` for input ``x``, without running the rest of ``model`` (e.g. the encoder alone:
+    ``forward_until(net, x, blocks(net, "encoder")[-1])``). Gradients flow as in a full forward."""
+    found: dict[str, torch.Tensor] = {}
+
+    def stop(module, args, out):
+        found["out"] = out[0] if isinstance(out, (tuple, list)) else out
+        raise _Reached
+
+    handle = model.get_submodule(name).register_forward_hook(stop)
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if "out" not in found:
+        raise RuntimeError(f"module '{name}' did not run in {type(model).__name__}'s forward pass")
+    return found["out"]
+
+
 def out_channels(model: nn.Module, name: str) -> int:
     """Channels of the feature map module ``name`` outputs (its last convolution's output channels)."""
     convs = [m for m in model.get_submodule(name).modules() if isinstance(m, nn.modules.conv._ConvNd)]

@@ -2,10 +2,12 @@
 from .base import STRATEGIES, LabelLeakError, StepOutput, Strategy, StrategyConfig, build_strategy, register_strategy
 from .bcp import BCP, BCPPretrain
 from .bn_sfda import BNSFDA
+from .contrastive import ContrastiveGlobal, ContrastiveLocal
 from .dsaif import DSAIF
 from .mean_teacher import MeanTeacher
 from .supervised import Supervised
 from .upl_sfda import UPLSFDA
 
-__all__ = ["BCP", "BCPPretrain", "BNSFDA", "DSAIF", "UPLSFDA", "STRATEGIES", "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig",
-           "Supervised", "build_strategy", "register_strategy"]
+__all__ = ["BCP", "BCPPretrain", "BNSFDA", "ContrastiveGlobal", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
+           "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig", "Supervised", "build_strategy",
+           "register_strategy"]
