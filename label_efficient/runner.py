@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from .backbones import build_backbone, part_modules
+from .backbones import build_backbone, load_parts
 from .backbones.rotated_heads import rebuild as rebuild_inference
 from .data import CaseStore, DatasetSpec, StepBatches, Stream, build_dataset, eval_volumes, split_labeled, train_loader
 from .data.loaders import volume_loader
@@ -115,30 +115,23 @@ def _streams(strategy: Strategy, ctx: DataContext, batch, stage_name: str) -> di
     return streams
 
 
-def _handed_over(model: torch.nn.Module, state: dict, parts: list[str] | None, stage: str) -> dict:
-    """The entries of ``state`` under the modules of ``parts`` (all of it for ``None``), checked against ``model``."""
-    if parts is None:
-        return state
-    prefixes = tuple(f"{name}." for name in part_modules(model, parts))
-    kept = {k: v for k, v in state.items() if k.startswith(prefixes)}
-    own = model.state_dict()
-    bad = [k for k, v in kept.items() if k not in own or own[k].shape != v.shape]
-    if not kept or bad:
-        raise CheckpointMismatchError(f"stage '{stage}': the previous stage's parts {parts} do not fit this network "
-                                      f"(layers {bad[:3] or 'none found'}); use the same backbone in both stages")
+def _load_parts(model: torch.nn.Module, state: dict, parts: list[str], stage: str) -> None:
+    """Load only ``parts`` of ``state`` (a pre-training stage's encoder / decoder blocks); the rest keeps its init."""
+    try:
+        n = load_parts(model, state, parts)
+    except ValueError as e:
+        raise CheckpointMismatchError(f"stage '{stage}': the weights handed over: {e}") from e
     log.info("stage '%s' starts from parts %s of the previous stage (%d tensors); the rest keeps its initialisation",
-             stage, parts, len(kept))
-    return kept
+             stage, parts, n)
 
 
 def _init_weights(model: torch.nn.Module, init: str, previous: dict | None, meta: dict, stage: str) -> None:
     if init == "none" or (init.startswith("previous") and previous is None):
         return
     if init in ("previous_best", "previous_last"):
-        state = _handed_over(model, previous["best" if init == "previous_best" else "last"], previous.get("parts"), stage)
+        state = previous["best" if init == "previous_best" else "last"]
         if previous.get("parts") is not None:
-            model.load_state_dict(state, strict=False)
-            return
+            return _load_parts(model, state, previous["parts"], stage)
     else:
         path = Path(init)
         if not path.is_file():
@@ -147,8 +140,7 @@ def _init_weights(model: torch.nn.Module, init: str, previous: dict | None, meta
         check_meta(blob.get("label_efficient", blob.get("meta", {})), meta, str(path))
         state = blob["state_dict"]
         if blob.get("parts") is not None:  # a pre-training bundle: only its trained parts pass on
-            model.load_state_dict(_handed_over(model, state, blob["parts"], stage), strict=False)
-            return
+            return _load_parts(model, state, blob["parts"], stage)
         if blob.get("wrapper"):  # an ensemble's model.pt: start from its plain network
             wrapped = rebuild_inference(copy.deepcopy(model), blob["wrapper"])
             load_state(wrapped, state, str(path))

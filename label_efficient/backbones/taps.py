@@ -107,6 +107,22 @@ def part_modules(model: nn.Module, parts: Sequence[str], points: Mapping[str, st
     return out
 
 
+def load_parts(model: nn.Module, state: Mapping[str, torch.Tensor], parts: Sequence[str],
+               points: Mapping[str, str] | None = None) -> int:
+    """Load the entries of ``state`` under the modules of ``parts`` (``encoder``, ``decoder:l``, …) into ``model``;
+    everything else keeps its own weights. Returns the number of tensors loaded; a ``ValueError`` names the layers
+    that do not fit (another backbone)."""
+    prefixes = tuple(f"{name}." for name in part_modules(model, parts, points))
+    kept = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    own = model.state_dict()
+    bad = [k for k, v in kept.items() if k not in own or own[k].shape != v.shape]
+    if not kept or bad:
+        raise ValueError(f"parts {list(parts)} do not fit this network (layers {bad[:3] or 'none found'}); use the "
+                         "same backbone and settings for both")
+    model.load_state_dict(kept, strict=False)
+    return len(kept)
+
+
 class _Reached(Exception):
     """Raised by :func:`forward_until`'s hook to stop a forward pass once the wanted module has run."""
 
