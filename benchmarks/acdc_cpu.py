@@ -195,35 +195,73 @@ def table(rows: list[dict], ceiling: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _speed_rows(path: Path) -> list[str]:
+    return [f"| {r['strategy']} | {r.get('backbone', 'unet')} | {r.get('batch', 8)} + {r.get('batch', 8)} | "
+            f"{r.get('precision', 'bf16-mixed')} | {r['threads']} | {r['raw_its']:.2f} | {r['lightning_its']:.2f} | "
+            f"{1 / r['lightning_its']:.2f} | {r['overhead_pct']:+.1f} % | {r['strategy_loop_its']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} |" for r in json.loads(path.read_text())]
+
+
 def write_markdown(rows: list[dict]) -> None:
-    from speed import SPEED_RESULTS  # noqa: E402  (same folder)
 
     p = PROTOCOL
     md = [
         "# Benchmarks", "",
-        "Regenerate: `python benchmarks/acdc_cpu.py` (accuracy rows) and `python benchmarks/speed.py` (overhead).",
-        "Numbers are from this 2-core CPU machine, one thread per run.", "",
-        "## ACDC-CPU protocol", "",
-        f"ACDC 2D slices resized to {p['data']['image_size'][0]}², MONAI U-Net {p['backbone']['kwargs']['channels']} "
-        f"without residual units, batch {p['batch_size']['labeled']} labelled + {p['batch_size']['unlabeled']} unlabelled, "
-        f"{p['optimizer']['name']} lr {p['optimizer']['lr']} poly, bf16 autocast, {p['steps']} steps "
-        f"(supervised-all: {CEILING_STEPS}, its ceiling), validation every {p['val_every']} steps on "
-        f"{p['data']['max_val_cases']} val volumes (model selection), seed {p['seed']}. Test: per-volume mean Dice over "
-        "RV/MYO/LV and HD95 in pixels on the 40 test volumes (predictions resized back to each slice's size). "
-        "gap closed = (strategy − supervised, same labels) / (supervised all − supervised, same labels).", "",
+        "Regenerate: `python benchmarks/acdc_cpu.py --table-only` (this file from the JSON rows; drop `--table-only` "
+        "to run rows), `python benchmarks/acdc_contrastive.py`, `python benchmarks/speed.py`. Numbers are from a "
+        "2-core AMD EPYC VM (AVX2, no native bf16, so `precision: auto` runs fp32), one thread per run unless stated.",
+        "", "## ACDC-CPU protocol v2 (the official BCP configuration)", "",
+        f"ACDC 2D slices resized to {p['data']['image_size'][0]}², `basic_unet` (the SSL4MIS/BCP U-Net: max-pool, "
+        "16…256 channels, encoder dropout 0.05…0.5), batch "
+        f"{p['batch_size']['labeled']} labelled + {p['batch_size']['unlabeled']} unlabelled, SGD lr "
+        f"{p['optimizer']['lr']} momentum {p['optimizer']['momentum']} weight decay {p['optimizer']['weight_decay']} "
+        f"at a constant rate, {p['steps']} steps (BCP: {p['steps'] // 3} copy-paste pre-training + "
+        f"{p['steps'] - p['steps'] // 3} self-training from the best pre-training checkpoint), validation every "
+        f"{p['val_every']} steps on all 20 val volumes (model selection), precision auto. Test: per-volume mean Dice "
+        "over RV/MYO/LV and HD95 in pixels on the 40 test volumes (predictions resized back to each slice's size). "
+        "gap closed = (strategy − supervised, same labels) / (supervised all − supervised, same labels); empty where "
+        "a row it needs is not run yet.", "",
         table([r for r in rows if _on_protocol(r)]), "",
     ]
-    longer = [r for r in rows if r.get("schedule") == "longer"]
-    if longer:
-        ceiling = next(r["mean_dice"] for r in rows if _on_protocol(r) and r["labeled"] == "all")
-        md += ["Longer schedule (`--rows strategy:budget:seed:steps`): the same protocol with more steps (the "
-               "learning-rate and ramp-up schedules stretch with it); gap closed against supervised with the same "
-               "seed and steps, up to the protocol's supervised-all ceiling.", "", table(longer, ceiling), ""]
     spread = seed_table(rows)
     if spread:
-        md += ["Seed spread (`--rows strategy:budget:seed`; the protocol seed is one of them): the same protocol "
-               "with other seeds, which change the initialisation, the labelled/unlabelled batch order and the "
-               "augmentation; the last column pairs each seed with supervised on that seed.", "", spread, ""]
+        md += ["Seed spread (`--rows strategy:budget:seed`): other seeds change the initialisation, the batch order and "
+               "the augmentation; the last column pairs each seed with supervised on that seed.", "", spread, ""]
+    official = HERE / "results" / "official_bcp.json"
+    if official.exists():
+        off = json.loads(official.read_text())
+        md += ["### Beside the official BCP code", "",
+               "The official code (DeepMed-Lab-ECNU/BCP, run outside this repository with CPU edits only: no `.cuda()`, "
+               "no DataLoader workers, 128² patches) on the same ACDC slices and split, run on this machine:", "",
+               "| what | official | ours | how ours was measured |", "|---|---|---|---|"]
+        md += [f"| {r['what']} | {r['official']} | {r['ours']} | {r['ours_from']} |" for r in off["rows"]]
+        md += ["", off.get("note", ""), ""]
+    v1 = load_rows(RESULTS_V1)
+    if v1:
+        md += ["## ACDC-CPU protocol v1 (superseded; not comparable with v2)", "",
+               "MONAI U-Net 16…256 without residual units, AdamW 3e-3 poly, batch 8 + 8, bf16 autocast, 2000 steps "
+               "(supervised-all 6000), validation on 5 val volumes. Kept for the record of issue 9's gap.", "",
+               table([r for r in v1 if _on_protocol(r)]), ""]
+    contrastive = HERE / "results" / "acdc_contrastive.json"
+    if contrastive.exists():
+        from acdc_contrastive import PROTOCOL as CP
+
+        g, lo, ft = CP["global"], CP["local"], CP["finetune"]
+        md += ["## Contrastive pre-training → fine-tune (ACDC)", "",
+               "Regenerate: `python benchmarks/acdc_contrastive.py`. One label-free pre-training on all 70 train "
+               f"patients (no mask read): `contrastive_global` {g['steps']} steps (S = {g['config']['partitions']}, "
+               f"m = {g['config']['volumes']}), then `contrastive_local` {lo['steps']} steps (l = "
+               f"{lo['config']['decoder_blocks']}, {lo['batch']} pairs), Adam 1e-3, 128², `basic_unet`. Each row "
+               f"fine-tunes with `supervised` for {ft['steps']} steps (Adam 1e-3, batch {ft['batch']}, validation every "
+               f"{ft['val_every']} steps on {CP['data']['max_val_cases']} val volumes) from the pre-trained encoder + "
+               "first 3 decoder blocks (`pretrained`) or from random init (`random`), same labelled patients "
+               "(`count_n`, chosen by the seed), same seed. The spec trains 10k iterations per stage on a GPU.", "",
+               table(load_rows(contrastive), ceiling=None), ""]
+        pairs = seed_table([{**r, "strategy": "supervised" if r["strategy"] == "random" else r["strategy"]}
+                            for r in load_rows(contrastive)])
+        if pairs:
+            md += ["Seed mean (supervised = fine-tuning from random init; last column: pre-trained − random, paired "
+                   "by seed):", "", pairs, ""]
     sfda = HERE / "results" / "sfda_polyp.json"
     if sfda.exists():
         from sfda_polyp import PROTOCOL as SP, table as sfda_table
@@ -244,20 +282,19 @@ def write_markdown(rows: list[dict]) -> None:
                f"{LP['batch_size']['labeled']} + {LP['batch_size']['unlabeled']}, {LP['steps']} steps, sliding-window "
                "test (overlap 0.5); Dice and HD95 in voxels on the 8 test volumes. Not comparable to published LA numbers "
                "(80 train / 20 test volumes, 15k+ iterations).", "", table(load_rows(la)), ""]
-    if SPEED_RESULTS.exists():
-        speed = json.loads(SPEED_RESULTS.read_text())
-        md += ["## Step overhead against a raw PyTorch loop", "",
-               "Same pre-built ACDC batches (128², 8 + 8), bf16 autocast, 2 threads, run alone; median of 5 interleaved "
-               "repeats of 100 steps (raw, Lightning, plain loop, raw, …; one repeat moves by up to ±20 % on this VM, "
-               "so differences below ~5 % are noise); the raw loop is hand-written "
-               "PyTorch doing the same passes (for BCP: only the teacher and student passes, so the overhead includes "
-               "its box masks, mixing and connected-component cleaning). Lightning = our `StrategyModule` in a "
-               "`Trainer`; plain loop = the strategy object in a 10-line loop.", "",
-               "| strategy | raw loop it/s | Lightning it/s | overhead | plain-loop strategy it/s | peak RSS MB |",
-               "|---|---|---|---|---|---|"]
-        for r in speed:
-            md.append(f"| {r['strategy']} | {r['raw_its']:.2f} | {r['lightning_its']:.2f} | {r['overhead_pct']:+.1f} % | "
-                      f"{r['strategy_loop_its']:.2f} | {r['peak_rss_mb']:.0f} |")
+    speed_files = sorted((HERE / "results").glob("speed*.json"))
+    if speed_files:
+        md += ["## Step time against a raw PyTorch loop", "",
+               "`python benchmarks/speed.py [--backbone basic_unet --batch 12 --optimizer sgd --strategies bcp --out "
+               "speed_bcp_official_config.json]`: the same pre-built ACDC batches (128²), run alone; median of "
+               "interleaved repeats (raw, Lightning, plain loop, raw, …; one repeat moves by up to ±20 % on this VM). The "
+               "raw loop is hand-written PyTorch doing the same network passes (for BCP: only the teacher and student "
+               "passes, so the overhead includes box masks, mixing and connected-component cleaning). Lightning = our "
+               "`StrategyModule` in a `Trainer`; plain loop = the strategy object in a 10-line loop.", "",
+               "| strategy | backbone | batch | precision | threads | raw it/s | Lightning it/s | Lightning s/it | "
+               "overhead | plain-loop it/s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for f in speed_files:
+            md += _speed_rows(f)
         md.append("")
     (HERE / "RESULTS.md").write_text("\n".join(md))
 

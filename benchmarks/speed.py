@@ -31,7 +31,6 @@ def batches(n: int, size: int, nl: int, nu: int):
     return [sb[(0, i)] for i in range(n)]
 
 
-SPEED_RESULTS = HERE / "results" / "speed.json"  # the default --out, read by acdc_cpu.py
 BACKBONE, OPTIMIZER = "unet", "adamw"  # set in main()
 OPTIMIZERS = {"adamw": dict(name="adamw", lr=3e-3, weight_decay=0.01),
               "sgd": dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4)}
