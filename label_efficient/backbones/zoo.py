@@ -104,6 +104,20 @@ def basic_unet(spatial_dims, in_channels, num_classes, features: Sequence[int] =
     return net
 
 
+@BACKBONES.register("cuts_cnn")
+def cuts_cnn(spatial_dims, in_channels, num_classes, features: Sequence[int] = (16, 32, 64, 128),
+             kernel_size: int = 5) -> nn.Module:
+    """The CUTS pixel embedder (Liu et al., MICCAI 2024): ``len(features)`` × [conv k×k 'same' with replicate
+    padding → BN → LeakyReLU], never downsampling, so the head's input (tap ``decoder``) is an embedding per pixel."""
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    bn = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+    layers, c = [], in_channels
+    for f in features:
+        layers += [conv(c, f, kernel_size, padding=kernel_size // 2, padding_mode="replicate"), bn(f), nn.LeakyReLU()]
+        c = f
+    return SegmentationNet(nn.Sequential(*layers), conv(c, num_classes, 1), "", 1)
+
+
 @BACKBONES.register("unet++")
 def unet_plus_plus(spatial_dims, in_channels, num_classes, features: Sequence[int] = (16, 32, 64, 128, 256, 16),
                    norm: str = "batch", dropout: float = 0.0, **kw) -> nn.Module:

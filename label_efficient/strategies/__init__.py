@@ -3,11 +3,12 @@ from .base import STRATEGIES, LabelLeakError, StepOutput, Strategy, StrategyConf
 from .bcp import BCP, BCPPretrain
 from .bn_sfda import BNSFDA
 from .contrastive import ContrastiveGlobal, ContrastiveLocal
+from .cuts import CUTS
 from .dsaif import DSAIF
 from .mean_teacher import MeanTeacher
 from .supervised import Supervised
 from .upl_sfda import UPLSFDA
 
-__all__ = ["BCP", "BCPPretrain", "BNSFDA", "ContrastiveGlobal", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
+__all__ = ["BCP", "BCPPretrain", "BNSFDA", "CUTS", "ContrastiveGlobal", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
            "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig", "Supervised", "build_strategy",
            "register_strategy"]

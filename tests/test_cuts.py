@@ -1,0 +1,99 @@
+"""CUTS: SSIM-checked positives near their anchors, NT-Xent pairing, reconstruction targets, diffusion condensation
+that recovers separated clusters, label-free and oracle choices, and bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from label_efficient.backbones import build_backbone
+from label_efficient.strategies import build_strategy
+from label_efficient.strategies.cuts import (centre_cluster, nt_xent, oracle_cluster, patch_ssim, patches_at,
+                                             sample_pairs)
+from label_efficient.transforms.condensation import diffusion_condensation, silhouette
+
+
+def test_positives_are_near_similar_and_never_the_anchor():
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    x[:, :, :, 16:] = 0.8  # a flat right half: every candidate there is similar
+    a, p = sample_pairs(x, anchors=8, patch=5)
+    assert a.shape == p.shape == (3, 8, 2)
+    assert ((p - a).abs() <= 5).all() and (p != a).any(-1).all()
+    assert (a >= 2).all() and (a <= 29).all() and (p >= 2).all() and (p <= 29).all()
+    flat = a[..., 1] >= 19  # anchors whose whole search window lies in the flat half
+    ssim = patch_ssim(patches_at(x, a, 5), patches_at(x, p, 5))
+    assert (ssim[flat] > 0.5).all()
+
+
+def test_patches_at_reads_the_centred_window():
+    x = torch.arange(2 * 3 * 10 * 10, dtype=torch.float).reshape(2, 3, 10, 10)
+    yx = torch.tensor([[[4, 6]], [[2, 2]]])
+    got = patches_at(x, yx, 3)
+    assert torch.equal(got[0, 0], x[0, :, 3:6, 5:8]) and torch.equal(got[1, 0], x[1, :, 1:4, 1:4])
+
+
+def test_nt_xent_pairs_each_anchor_with_its_own_positive():
+    torch.manual_seed(0)
+    za = torch.randn(2, 8, 16)
+    assert nt_xent(za, za + 0.01 * torch.randn_like(za), 0.1) < 0.01
+    assert nt_xent(za, za[:, torch.roll(torch.arange(8), 1)], 0.1) > 1.0
+
+
+def test_cuts_step_trains_embedder_and_reconstruction_without_labels():
+    torch.manual_seed(0)
+    net = build_backbone("cuts_cnn", 2, 3, 2, features=(8, 16))
+    s = build_strategy("cuts", net, 2)
+    assert s.label_free and not s.needs_labeled
+    x = torch.rand(2, 3, 24, 24)
+    opt = torch.optim.AdamW(s.trainable_parameters(), 1e-2)
+    s.setup(8)
+    s.train()
+    losses = []
+    for i in range(8):
+        out = s.training_step({"unlabeled": {"image": x}}, i)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.logs["loss_recon"]))
+    assert losses[-1] < losses[0]
+    assert s.recon[0].in_features == 16 and s.recon[-1].out_features == 3 * 25
+
+
+def test_too_small_images_and_downsampling_backbones_are_refused():
+    s = build_strategy("cuts", build_backbone("cuts_cnn", 2, 1, 2, features=(4,)), 2)
+    with pytest.raises(ValueError, match="larger than its 5×5 patches"):
+        s.training_step({"unlabeled": {"image": torch.rand(2, 1, 6, 6)}}, 0)
+    with pytest.raises(ValueError, match="patch must be odd"):
+        build_strategy("cuts", build_backbone("cuts_cnn", 2, 1, 2, features=(4,)), 2, {"patch": 4})
+
+
+def test_condensation_recovers_separated_clusters_and_silhouette_picks_them():
+    torch.manual_seed(0)
+    centres = 4 * torch.eye(8)[:3]
+    truth = np.repeat([0, 1, 2], [150, 150, 100])
+    x = centres[truth] + torch.randn(len(truth), 8)
+    levels = diffusion_condensation(x)
+    counts = [len(np.unique(lab)) for lab in levels]
+    assert counts == sorted(counts, reverse=True) and counts[-1] == 1
+    three = levels[counts.index(3)]
+    purity = sum(np.bincount(three[truth == c]).max() for c in range(3)) / len(truth)
+    assert purity > 0.97
+    best = max((silhouette(x, lab), len(np.unique(lab))) for lab in levels if 2 <= len(np.unique(lab)) <= 10)
+    assert best[1] == 3
+
+
+def test_segment_finds_a_bright_centred_square_label_free():
+    torch.manual_seed(0)
+    net = build_backbone("cuts_cnn", 2, 1, 2, features=(8, 16))
+    s = build_strategy("cuts", net, 2, {"condense_size": 16}).eval()
+    x = torch.full((1, 32, 32), 0.1) + 0.02 * torch.rand(1, 32, 32)
+    x[:, 10:22, 10:22] = 0.9
+    levels, chosen = s.segment(x)
+    assert all(lab.shape == (32, 32) for lab in levels)
+    truth = np.zeros((32, 32), int)
+    truth[10:22, 10:22] = 1
+    fg = centre_cluster(levels[chosen])
+    dice = 2 * (fg & (truth > 0)).sum() / (fg.sum() + truth.sum())
+    assert dice > 0.8
+    assert (oracle_cluster(levels[chosen], truth) == fg).all()
