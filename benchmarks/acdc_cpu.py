@@ -262,6 +262,18 @@ def write_markdown(rows: list[dict]) -> None:
         if pairs:
             md += ["Seed mean (supervised = fine-tuning from random init; last column: pre-trained − random, paired "
                    "by seed):", "", pairs, ""]
+    cuts = HERE / "results" / "cuts.json"
+    if cuts.exists():
+        from cuts import CUTS_STEPS, SIZE, SUPERVISED_STEPS, table as cuts_table
+
+        md += ["## CUTS: unsupervised segmentation against label-free baselines", "",
+               f"Regenerate: `python benchmarks/cuts.py`. Images at {SIZE}²; CUTS stage 1 ({CUTS_STEPS} steps, "
+               "`recipes/polyp_cuts.yaml`, no label read) on the train images, then per test image diffusion "
+               "condensation. Binary target: polyp (Kvasir test) and left-ventricle cavity (ACDC test slices that "
+               "contain it). *label-free* rows choose the granularity and the foreground cluster without any label "
+               "(silhouette, centre prior); *oracle* rows choose them with the ground truth, as the paper scores. "
+               f"`supervised`: `basic_unet` on the stated few labels, {SUPERVISED_STEPS} steps, SGD 0.01.", "",
+               cuts_table(json.loads(cuts.read_text())), ""]
     sfda = HERE / "results" / "sfda_polyp.json"
     if sfda.exists():
         from sfda_polyp import PROTOCOL as SP, table as sfda_table

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,7 +63,8 @@ class ResumableCSVLogger(CSVLogger):
 
 
 def build_optimizer(params, cfg: OptimizerConfig, total_steps: int):
-    """SGD/Adam(W) with a per-step constant, poly ((1 − t/T)^p) or step schedule."""
+    """SGD/Adam(W) with a per-step constant, poly ((1 − t/T)^p), step, or cosine schedule (to 0 at T); any of
+    them after ``warmup_steps`` of linear warm-up from 0."""
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     elif cfg.name == "adam":
@@ -73,9 +75,12 @@ def build_optimizer(params, cfg: OptimizerConfig, total_steps: int):
         fn: Callable[[int], float] = lambda s: max(0.0, 1.0 - s / max(total_steps, 1)) ** cfg.poly_power
     elif cfg.schedule == "step":
         fn = lambda s: cfg.gamma ** (s // cfg.step_size)
+    elif cfg.schedule == "cosine":
+        fn = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1)))
     else:
         fn = lambda s: 1.0
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, fn)
+    warm = cfg.warmup_steps
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: fn(s) * min(1.0, (s + 1) / warm) if warm else fn(s))
 
 
 class StrategyModule(pl.LightningModule):

@@ -52,10 +52,11 @@ class OptimizerConfig(_Strict):
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: Literal["constant", "poly", "step"] = "poly"
+    schedule: Literal["constant", "poly", "step", "cosine"] = "poly"
     poly_power: float = 0.9
     step_size: int = 2500
     gamma: float = 0.1
+    warmup_steps: int = Field(0, ge=0)  #: linear warm-up from 0 before the schedule
 
 
 class BatchConfig(_Strict):

@@ -216,7 +216,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                 trainer.fit(module, train_dataloaders=train_loader(batches, ctx.cfg.num_workers),
                             val_dataloaders=volume_loader(val) if val else None,
                             ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
-            if not val and stage.steps % stage.val_every:  # the final steps after the last full epoch
+            if stage.steps % stage.val_every:  # the final steps after the last full epoch (not validated)
                 trainer.save_checkpoint(last)
             best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
             score = ckpt.best_model_score if val else None

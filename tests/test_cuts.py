@@ -97,3 +97,18 @@ def test_segment_finds_a_bright_centred_square_label_free():
     dice = 2 * (fg & (truth > 0)).sum() / (fg.sum() + truth.sum())
     assert dice > 0.8
     assert (oracle_cluster(levels[chosen], truth) == fg).all()
+
+
+def test_cosine_schedule_with_linear_warmup():
+    from label_efficient.lightning import build_optimizer
+    from label_efficient.recipe import OptimizerConfig
+
+    opt, sched = build_optimizer([torch.nn.Parameter(torch.zeros(1))],
+                                 OptimizerConfig(name="adamw", lr=1.0, schedule="cosine", warmup_steps=10), 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:10] == sorted(lrs[:10]) and lrs[0] == pytest.approx(0.1)
+    assert lrs[50] == pytest.approx(0.5) and lrs[-1] < 1e-3

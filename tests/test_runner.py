@@ -30,6 +30,12 @@ def test_run_writes_outputs(image_folder, tmp_path):
         run_recipe(parse_recipe(tiny_recipe(image_folder)), out)
 
 
+def test_last_checkpoint_holds_the_final_step_when_steps_is_not_a_multiple_of_val_every(image_folder, tmp_path):
+    out = tmp_path / "run"
+    run_recipe(parse_recipe(tiny_recipe(image_folder, steps=5, val_every=3)), out)
+    assert torch.load(out / "stage0_supervised" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
 @pytest.mark.parametrize("strategy", ["supervised", "mean_teacher", "dsaif"])
 def test_3d_run_end_to_end(tmp_path, strategy):
     """NIfTI in, random 3D patches, a 3D strategy (DSAIF: Max/Min-tree views of whole volumes, quarter turns in
