@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from acdc_cpu import run_row, save_rows  # noqa: E402
+from acdc_cpu import run_recipe_process, run_row, save_rows  # noqa: E402
 
 RESULTS = HERE / "results" / "acdc_contrastive.json"
 ADAM = {"name": "adam", "lr": 0.001, "weight_decay": 0.0, "schedule": "constant"}  # the spec's optimizer, all stages
@@ -54,17 +54,9 @@ def pretrain_recipe() -> dict:
 
 def pretrain(runs: Path) -> Path:
     """Run (or resume) the label-free stages once; the path of their model.pt."""
-    import os
-    import subprocess
-
-    out, spec = runs / "pretrain", runs / "pretrain.json"
+    out = runs / "pretrain"
     if not (out / "model.pt").exists():
-        spec.write_text(json.dumps(pretrain_recipe()))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        code = ("import json,torch; torch.set_num_threads(1);"
-                "from label_efficient.recipe import parse_recipe; from label_efficient.runner import run_recipe;"
-                f"run_recipe(parse_recipe(json.load(open({str(spec)!r}))), {str(out)!r}, resume=True)")
-        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        run_recipe_process(pretrain_recipe(), out)
     return out / "model.pt"
 
 

@@ -84,6 +84,22 @@ DEFAULT_ROWS = [f"supervised:{b}:{s}" for b in BUDGETS for s in SEEDS] + [
     f"{st}:{b}:{s}" for st in ("bcp", "mean_teacher", "dsaif") for b in ("labeled_3", "labeled_7") for s in SEEDS]
 
 
+def run_recipe_process(recipe: dict, out: Path) -> dict:
+    """Run ``recipe`` into ``out`` in a single-thread subprocess (resumable: an interrupted run continues); the
+    recipe is kept beside it as ``<out>.json``. Returns its metrics.json."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec = out.with_suffix(".json")
+    spec.write_text(json.dumps(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    code = ("import json,torch; torch.set_num_threads(1);"
+            "from label_efficient.recipe import parse_recipe; from label_efficient.runner import run_recipe;"
+            f"run_recipe(parse_recipe(json.load(open({str(spec)!r}))), {str(out)!r}, resume=True)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{out.name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads((out / "metrics.json").read_text())
+
+
 def run_row(row: str, runs: Path, build=None, protocol: dict | None = None) -> dict:
     """Run one ``strategy:budget[:seed[:steps]]`` row in a single-thread subprocess (resumable) and summarise it.
 
@@ -98,17 +114,7 @@ def run_row(row: str, runs: Path, build=None, protocol: dict | None = None) -> d
             raise ValueError(f"row {row}: a step count can only replace that of a single-stage row")
         r["stages"][0]["steps"] = int(rest[1])
         tag += f"_t{rest[1]}"
-    out, spec = runs / tag, runs / f"{tag}.json"
-    spec.write_text(json.dumps({**r, "seed": seed}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = ("import json,sys,torch; torch.set_num_threads(1);"
-            "from label_efficient.recipe import parse_recipe; from label_efficient.runner import run_recipe;"
-            f"r=parse_recipe(json.load(open({str(spec)!r}))); m=run_recipe(r, {str(out)!r}, resume=True);"
-            "print(json.dumps({k: m[k] for k in ('mean_dice','mean_hd95','train_seconds','peak_rss_mb')}))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"row {row} failed:\n{proc.stderr[-3000:]}")
-    m = json.loads((out / "metrics.json").read_text())
+    m = run_recipe_process({**r, "seed": seed}, runs / tag)
     steps = sum(s["steps"] for s in m["stages"])
     return {"strategy": strategy, "labeled": labeled, "seed": seed, "schedule": "longer" if len(rest) > 1 else "protocol",
             "mean_dice": round(m["mean_dice"], 4),

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +26,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from acdc_cpu import run_recipe_process  # noqa: E402
 RESULTS = HERE / "results" / "cuts.json"
 SIZE = 64
 #: binary target per dataset: the label value scored, and which test cases (polyp: Kvasir; ACDC: slices with LV)
@@ -64,13 +64,7 @@ def supervised_recipe(name: str) -> dict:
 
 def train(recipe: dict, out: Path) -> Path:
     if not (out / "model.pt").exists():
-        spec = out.with_suffix(".json")
-        spec.write_text(json.dumps(recipe))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        code = ("import json,torch; torch.set_num_threads(1);"
-                "from label_efficient.recipe import parse_recipe; from label_efficient.runner import run_recipe;"
-                f"run_recipe(parse_recipe(json.load(open({str(spec)!r}))), {str(out)!r}, resume=True)")
-        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        run_recipe_process(recipe, out)
     return out / "model.pt"
 
 

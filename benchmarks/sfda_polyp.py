@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from acdc_cpu import load_rows, run_recipe_process, write_markdown  # noqa: E402
+
 RESULTS = HERE / "results" / "sfda_polyp.json"
 PROTOCOL = {
     "seed": 1337,
@@ -71,20 +72,6 @@ METHODS = {
     "upl_sfda (frozen BN)": ("upl_sfda_frozen_bn", [("upl_sfda", {"bn_mode": "frozen"})]),
     "bn_sfda+upl_sfda (frozen BN)": ("bn_upl_sfda_frozen_bn", [("bn_sfda", {}), ("upl_sfda", {"bn_mode": "frozen"})]),
 }
-
-
-def _run(recipe: dict, out: Path) -> dict:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    spec = out.with_suffix(".json")
-    spec.write_text(json.dumps(recipe))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = ("import json,torch; torch.set_num_threads(1);"
-            "from label_efficient.recipe import parse_recipe; from label_efficient.runner import run_recipe;"
-            f"run_recipe(parse_recipe(json.load(open({str(spec)!r}))), {str(out)!r}, resume=True)")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{out.name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads((out / "metrics.json").read_text())
 
 
 def _ood_auroc(cases: dict) -> float:
@@ -193,9 +180,6 @@ def main() -> None:
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
     RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
-    sys.path.insert(0, str(HERE))
-    from acdc_cpu import load_rows, write_markdown
-
     write_markdown(load_rows())
     print(table(rows))
 
