@@ -238,7 +238,8 @@ def write_markdown(rows: list[dict]) -> None:
         off = json.loads(official.read_text())
         md += ["### Beside the official BCP code", "",
                "The official code (DeepMed-Lab-ECNU/BCP, run outside this repository with CPU edits only: no `.cuda()`, "
-               "no DataLoader workers, 128² patches) on the same ACDC slices and split, run on this machine:", "",
+               "no DataLoader workers, 128² patches, and a stand-in for torchvision's `Compose`, whose wheel did not match "
+               "torch 2.13) on the same ACDC slices and split (its h5 format), run on this machine:", "",
                "| what | official | ours | how ours was measured |", "|---|---|---|---|"]
         md += [f"| {r['what']} | {r['official']} | {r['ours']} | {r['ours_from']} |" for r in off["rows"]]
         md += ["", off.get("note", ""), ""]
