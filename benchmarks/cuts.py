@@ -35,7 +35,7 @@ DATASETS = {
     "polyp": {"dataset": "polyp_kvasir_cvc", "domain": "kvasir", "target": 1, "supervised_budget": {"count": 10}},
     "acdc": {"dataset": "acdc", "domain": None, "target": 3, "supervised_budget": {"flag": "labeled_3"}},
 }
-CUTS_STEPS, SUPERVISED_STEPS = 300, 300
+CUTS_STEPS, SUPERVISED_STEPS = 200, 300
 
 
 def cuts_recipe(name: str) -> dict:
