@@ -112,3 +112,19 @@ def test_cosine_schedule_with_linear_warmup():
         sched.step()
     assert lrs[:10] == sorted(lrs[:10]) and lrs[0] == pytest.approx(0.1)
     assert lrs[50] == pytest.approx(0.5) and lrs[-1] < 1e-3
+
+
+def test_cuts_runs_from_a_recipe_as_a_label_free_stage(image_folder, tmp_path):
+    from conftest import tiny_recipe
+
+    from label_efficient.recipe import parse_recipe
+    from label_efficient.runner import load_bundle, run_recipe
+
+    raw = tiny_recipe(image_folder, strategy="cuts", steps=4, val_every=2, batch_size={"unlabeled": 2})
+    raw["backbone"] = {"name": "cuts_cnn", "kwargs": {"features": [4, 8]}}
+    m = run_recipe(parse_recipe(raw), tmp_path / "run")
+    assert m["evaluated"] is False and m["mean_dice"] is None
+    net, blob = load_bundle(tmp_path / "run" / "model.pt")
+    assert blob["parts"] is None
+    levels, chosen = build_strategy("cuts", net, 3).eval().segment(torch.rand(1, 32, 32))
+    assert len(levels) >= 2 and 0 <= chosen < len(levels)
