@@ -267,8 +267,8 @@ def write_markdown(rows: list[dict]) -> None:
         pairs = seed_table([{**r, "strategy": "supervised" if r["strategy"] == "random" else r["strategy"]}
                             for r in load_rows(contrastive)])
         if pairs:
-            md += ["Seed mean (supervised = fine-tuning from random init; last column: pre-trained − random, paired "
-                   "by seed):", "", pairs, ""]
+            md += ["Seed mean (last column: pre-trained − random init, paired by seed):", "",
+                   pairs.replace("| supervised |", "| random |").replace("− supervised, same seeds", "− random, same seeds"), ""]
     cuts = HERE / "results" / "cuts.json"
     if cuts.exists():
         from cuts import CUTS_STEPS, SIZE, SUPERVISED_STEPS, table as cuts_table
