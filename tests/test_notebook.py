@@ -35,3 +35,4 @@ def test_pretrain_then_finetune_notebook_runs(monkeypatch):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "hands over: ['encoder']" in outputs and "hands over: ['encoder', 'decoder:3']" in outputs
     assert "pretrained: mean Dice" in outputs and "random: mean Dice" in outputs
+    assert "CUTS:" in outputs and "oracle cluster" in outputs
