@@ -230,9 +230,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                     "parts": strategy.handover_parts()}
         stage_reports.append({"stage": name, "strategy": stage.strategy, **info})
     if strategy.label_free:  # pre-training only: nothing to score; model.pt hands its parts to a later run
-        metrics = {"mean_dice": None, "evaluated": False, "stages": stage_reports,
-                   "train_seconds": sum(s["seconds"] for s in stage_reports), "wall_seconds": time.time() - t_start,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        metrics = {"mean_dice": None, "evaluated": False, **_run_summary(stage_reports, t_start)}
         save_bundle(out / "model.pt", strategy.export_inference(), recipe, ctx, parts=previous["parts"])
         atomic_write_json(out / "metrics.json", metrics)
         log.info("label-free run: no test evaluation; fine-tune from %s (init: <path>)", out / "model.pt")
@@ -252,10 +250,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
             sc = detector.score(pooled_features(exported, [vol.image], device))
             metrics["cases"][vol.id]["ood"] = {k: float(v.mean()) for k, v in sc.items()}
             metrics["cases"][vol.id]["ood"]["flagged"] = bool(detector.flag(sc).any())
-    metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split, "stages": stage_reports,
-               "train_seconds": sum(s["seconds"] for s in stage_reports), "wall_seconds": time.time() - t_start,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "skipped_corrupt": ctx.store.skipped}
+    metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split,
+               **_run_summary(stage_reports, t_start), "skipped_corrupt": ctx.store.skipped}
     save_bundle(out / "model.pt", strategy.export_inference(), recipe, ctx, detector)
     atomic_write_json(out / "metrics.json", metrics)
     from .reporting import learning_curve, overlays
@@ -263,6 +259,11 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     overlays(test, predictions, ctx, out / "overlays")
     learning_curve(out, out / "learning_curve.png")
     return metrics
+
+
+def _run_summary(stage_reports: list[dict], t_start: float) -> dict:
+    return {"stages": stage_reports, "train_seconds": sum(s["seconds"] for s in stage_reports),
+            "wall_seconds": time.time() - t_start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def fit_ood(model: torch.nn.Module, ctx: DataContext, device, max_images: int = 1000) -> OODDetector | None:

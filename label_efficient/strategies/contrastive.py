@@ -187,7 +187,7 @@ class ContrastiveGlobal(Strategy):
         return ["encoder"]
 
     def trainable_parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
+        return super().trainable_parameters() + list(self.head.parameters())
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -246,7 +246,7 @@ class ContrastiveLocal(Strategy):
         return ["encoder", f"decoder:{self.config.decoder_blocks}"]
 
     def trainable_parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
+        return super().trainable_parameters() + list(self.head.parameters())
 
     def training_step(self, batch, step):
         self.check_batch(batch)

@@ -115,24 +115,23 @@ class CUTS(Strategy):
         self.recon = nn.Sequential(nn.Linear(latent, out), nn.LeakyReLU(), nn.Linear(out, out))
 
     def trainable_parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad] + list(self.recon.parameters())
+        return super().trainable_parameters() + list(self.recon.parameters())
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixel embeddings (N, L, H, W) of images in [0, 1] (scaled to [−1, 1] as the paper)."""
+        """Pixel embeddings (N, L, H, W) of images already scaled to [−1, 1] (as the paper)."""
         with self.tap:
-            self.model(x * 2 - 1)
-            return self.tap["decoder"]
+            self.model(x)
+            z = self.tap["decoder"]
+        if z.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"cuts needs a full-resolution embedding; the backbone's decoder map is {tuple(z.shape)}")
+        return z
 
     def training_step(self, batch, step):
         self.check_batch(batch)
         x = batch["unlabeled"]["image"] * 2 - 1
         c = self.config
         a, p = sample_pairs(x, c.anchors, c.patch, c.tries, c.ssim_threshold)
-        with self.tap:
-            self.model(x)
-            z = self.tap["decoder"]
-        if z.shape[-2:] != x.shape[-2:]:
-            raise ValueError(f"cuts needs a full-resolution embedding; the backbone's decoder map is {tuple(z.shape)}")
+        z = self.embed(x)
         n = torch.arange(len(x), device=x.device)[:, None]
         emb = z.permute(0, 2, 3, 1)
         za, zp = emb[n, a[..., 0], a[..., 1]], emb[n, p[..., 0], p[..., 1]]
@@ -148,7 +147,7 @@ class CUTS(Strategy):
         """Label maps (H, W) of one image (C, H, W) in [0, 1] at every condensation level, fine → coarse, and the
         index of the label-free level: the highest silhouette among levels with 2…``max_clusters`` clusters."""
         h, w = image.shape[-2:]
-        z = self.embed(image[None])
+        z = self.embed(image[None] * 2 - 1)
         factor = max(1, int(np.ceil(max(h, w) / self.config.condense_size)))
         z = F.avg_pool2d(z, factor, ceil_mode=True) if factor > 1 else z
         gh, gw = z.shape[-2:]

@@ -15,9 +15,17 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 
-def _merge(centroids: torch.Tensor, radius: float) -> tuple[np.ndarray, int]:
-    close = (torch.cdist(centroids, centroids) < radius).cpu().numpy()
-    return connected_components(csr_matrix(close), directed=False)[::-1]
+def _fuse(c: torch.Tensor, w: torch.Tensor, assign: np.ndarray, radius: float):
+    """Fuse points closer than ``radius`` (connected components) into their weighted centroid; the new points,
+    weights and point → cluster assignment."""
+    close = (torch.cdist(c, c) < radius).cpu().numpy()
+    m, labels = connected_components(csr_matrix(close), directed=False)
+    if m == len(c):
+        return c, w, assign
+    idx = torch.from_numpy(labels)
+    mass = torch.bincount(idx, w, m)
+    total = torch.zeros(m, c.shape[1], dtype=c.dtype).index_add_(0, idx, c * w[:, None])
+    return total / mass[:, None], mass, labels[assign]
 
 
 def diffusion_condensation(x: torch.Tensor, growth: float = 1.1, merge_fraction: float = 1e-3,
@@ -33,10 +41,7 @@ def diffusion_condensation(x: torch.Tensor, growth: float = 1.1, merge_fraction:
     d0 = torch.cdist(sample, sample)
     radius = merge_fraction * float(d0.median().clamp_min(1e-12))
     eps = float(d0.fill_diagonal_(float("inf")).min(1).values.median().clamp_min(radius))
-    w = torch.ones(n, dtype=c.dtype)
-    labels, m = _merge(c, radius)
-    assign = labels
-    c, w = _pool(c, w, labels, m), torch.bincount(torch.from_numpy(labels), w, m)
+    c, w, assign = _fuse(c, torch.ones(n, dtype=c.dtype), np.arange(n), radius)
     levels = [assign.copy()]
     for _ in range(max_iter):
         if len(c) == 1:
@@ -44,20 +49,13 @@ def diffusion_condensation(x: torch.Tensor, growth: float = 1.1, merge_fraction:
         affinity = torch.exp(-(torch.cdist(c, c) / eps) ** 2) * w[None, :]
         c = (affinity / affinity.sum(1, keepdim=True)) @ c
         eps *= growth
-        labels, m = _merge(c, radius)
-        if m < len(c):
-            c, w, assign = _pool(c, w, labels, m), torch.bincount(torch.from_numpy(labels), w, m), labels[assign]
+        before = len(c)
+        c, w, assign = _fuse(c, w, assign, radius)
+        if len(c) < before:
             levels.append(assign.copy())
     if len(np.unique(levels[-1])) > 1:  # max_iter reached: close the hierarchy with everything in one cluster
         levels.append(np.zeros(n, dtype=levels[-1].dtype))
     return levels
-
-
-def _pool(c: torch.Tensor, w: torch.Tensor, labels: np.ndarray, m: int) -> torch.Tensor:
-    """Weighted centroid of each merged group."""
-    idx = torch.from_numpy(labels)
-    total = torch.zeros(m, c.shape[1], dtype=c.dtype).index_add_(0, idx, c * w[:, None])
-    return total / torch.bincount(idx, w, m)[:, None]
 
 
 def silhouette(x: torch.Tensor, labels: np.ndarray, max_points: int = 2000) -> float:
