@@ -17,12 +17,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from .data.loaders import EvalVolume
 from .evaluation import case_metrics, predict_volume
 from .recipe import OptimizerConfig
-from .strategies.base import Strategy
+from .strategies.base import NonFiniteLossError, Strategy
 from .utils import atomic_torch_save, atomic_write_text, seed_everything
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -68,9 +64,9 @@ def build_optimizer(params, cfg: OptimizerConfig, total_steps: int):
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     elif cfg.name == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.schedule == "poly":
         fn: Callable[[int], float] = lambda s: max(0.0, 1.0 - s / max(total_steps, 1)) ** cfg.poly_power
     elif cfg.schedule == "step":
@@ -83,15 +79,33 @@ def build_optimizer(params, cfg: OptimizerConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: fn(s) * min(1.0, (s + 1) / warm) if warm else fn(s))
 
 
+def build_optimizers(strategy: Strategy, cfg: OptimizerConfig | dict[str, OptimizerConfig], total_steps: int):
+    """``[(optimizer, scheduler)]``: one for a plain strategy, one per name of ``strategy.optimizers`` (``cfg`` a
+    config per name, or one config for all)."""
+    params = strategy.trainable_parameters()
+    if not strategy.optimizers:
+        return [build_optimizer(params, cfg, total_steps)]
+    if not isinstance(params, dict) or set(params) != set(strategy.optimizers):
+        raise TypeError(f"strategy '{strategy.name}' names optimizers {list(strategy.optimizers)}: its "
+                        "trainable_parameters() must return {name: parameters} with exactly those names")
+    cfgs = cfg if isinstance(cfg, dict) else {n: cfg for n in strategy.optimizers}
+    return [build_optimizer(list(params[n]), cfgs[n], total_steps) for n in strategy.optimizers]
+
+
 class StrategyModule(pl.LightningModule):
     """Runs ``strategy.training_step`` each step, its hooks after the optimizer step and at epoch end,
-    and scores validation volumes (per-volume Dice) for model selection."""
+    and scores validation volumes (per-volume Dice) for model selection.
 
-    def __init__(self, strategy: Strategy, optimizer: OptimizerConfig, total_steps: int, seed: int = 0,
-                 spatial_dims: int = 2, roi_size: Sequence[int] | None = None, meta: dict | None = None,
+    A strategy with named ``optimizers`` runs under Lightning's manual optimisation: it steps each optimizer once per
+    step through :meth:`Strategy.optimizer_step` (with ``manual_backward``), so Lightning's ``global_step`` advances
+    by ``len(strategy.optimizers)`` per training step (:attr:`optimizer_steps_per_step`)."""
+
+    def __init__(self, strategy: Strategy, optimizer: OptimizerConfig | dict[str, OptimizerConfig], total_steps: int,
+                 seed: int = 0, spatial_dims: int = 2, roi_size: Sequence[int] | None = None, meta: dict | None = None,
                  overlap: float = 0.5):
         super().__init__()
         self.strategy = strategy
+        self.automatic_optimization = not strategy.optimizers
         self.optimizer_cfg = optimizer
         self.total_steps = total_steps
         self.seed = seed
@@ -116,13 +130,46 @@ class StrategyModule(pl.LightningModule):
         # Re-seeding at each epoch makes a run resumed from an epoch-end checkpoint bit-identical.
         seed_everything(self.seed * 100_003 + self.current_epoch)
 
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        return max(1, len(self.strategy.optimizers))
+
+    @property
+    def step_index(self) -> int:
+        """Training steps done (``global_step`` counts optimizer steps)."""
+        return self.global_step // self.optimizer_steps_per_step
+
     def training_step(self, batch, batch_idx):
+        if not self.automatic_optimization:
+            return self._manual_step(batch)
         out = self.strategy.training_step(batch, self.global_step)
+        self._check_finite(out)
+        return self._log_step(batch, out)
+
+    def _manual_step(self, batch):
+        step, before = self.step_index, self.global_step
+        opts = self.optimizers()
+        self.strategy.bind_optimizers(dict(zip(self.strategy.optimizers, opts if isinstance(opts, list) else [opts])),
+                                      backward=self.manual_backward)
+        out = self.strategy.training_step(batch, step)
+        if self.global_step - before != self.optimizer_steps_per_step:
+            raise RuntimeError(f"strategy '{self.strategy.name}' must step each of its optimizers "
+                               f"{list(self.strategy.optimizers)} exactly once per training step; it made "
+                               f"{self.global_step - before} optimizer steps at step {step}")
+        scheds = self.lr_schedulers()
+        for s in scheds if isinstance(scheds, list) else [scheds]:
+            s.step()
+        self._check_finite(out)
+        self._log_step(batch, out)
+
+    def _check_finite(self, out) -> None:
         if not torch.isfinite(out.loss):
             raise NonFiniteLossError(
-                f"loss is {out.loss.item()} at step {self.global_step} (strategy '{self.strategy.name}'); "
+                f"loss is {out.loss.item()} at step {self.step_index} (strategy '{self.strategy.name}'); "
                 f"logs: { {k: float(v) for k, v in out.logs.items()} }. The last good checkpoint is kept."
             )
+
+    def _log_step(self, batch, out):
         n = next(iter(batch.values()))["image"].shape[0]
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
         for k, v in out.logs.items():
@@ -130,7 +177,7 @@ class StrategyModule(pl.LightningModule):
         return out.loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.strategy.after_optimizer_step(self.global_step - 1)
+        self.strategy.after_optimizer_step(self.step_index - 1)
 
     def on_train_epoch_end(self) -> None:
         self.strategy.on_epoch_end(self.current_epoch)
@@ -152,8 +199,8 @@ class StrategyModule(pl.LightningModule):
         self._val_dice.clear()
 
     def configure_optimizers(self):
-        opt, sched = build_optimizer(self.strategy.trainable_parameters(), self.optimizer_cfg, self.total_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        pairs = build_optimizers(self.strategy, self.optimizer_cfg, self.total_steps)
+        return [{"optimizer": o, "lr_scheduler": {"scheduler": s, "interval": "step"}} for o, s in pairs]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["label_efficient"] = self.meta

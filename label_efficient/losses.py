@@ -19,9 +19,14 @@ def ce_dice(num_classes: int) -> DiceCELoss:
                       lambda_dice=0.5, lambda_ce=0.5, smooth_nr=1e-5, smooth_dr=1e-5)
 
 
-def supervised_loss(loss_fn: DiceCELoss, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Apply a MONAI Dice/CE loss to logits (N, C, ...) and an integer label map (N, ...)."""
-    return loss_fn(logits, label.unsqueeze(1))
+def supervised_loss(loss_fn: DiceCELoss, logits: torch.Tensor, label: torch.Tensor,
+                    label_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply a MONAI Dice/CE loss to logits (N, C, ...) and an integer label map (N, ...). With a sparse annotation's
+    ``label_mask`` (N, ...), the same ½(CE + squared Dice) restricted to the annotated voxels: unmarked voxels get
+    exactly zero gradient, and a mask marking nothing gives a zero loss (no NaN)."""
+    if label_mask is None:
+        return loss_fn(logits, label.unsqueeze(1))
+    return 0.5 * (weighted_ce(logits, label, label_mask) + weighted_dice(logits, label, label_mask))
 
 
 def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

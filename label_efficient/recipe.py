@@ -10,6 +10,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .data.annotation import AnnotationConfig
 from .data.budget import LabelBudget
 from .registry import did_you_mean
 
@@ -30,6 +31,7 @@ class DataConfig(_Strict):
     image_size: list[int] | None = None  #: 2D: slices are resized to this size
     patch_size: list[int] | None = None  #: 3D: random training crop and sliding-window size
     budget: LabelBudget = LabelBudget(all=True)
+    annotation: AnnotationConfig = AnnotationConfig()  #: dense, or sparse slices of each labelled case (label_mask)
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str = "test"
@@ -52,6 +54,7 @@ class OptimizerConfig(_Strict):
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)  #: Adam(W)
     schedule: Literal["constant", "poly", "step", "cosine"] = "poly"
     poly_power: float = 0.9
     step_size: int = 2500
@@ -72,6 +75,8 @@ class StageConfig(_Strict):
     val_every: int = Field(200, gt=0)  #: steps per epoch; validation and `last` checkpoint at each epoch end
     batch_size: BatchConfig = BatchConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    #: per-name overrides of ``optimizer`` for a strategy that steps several (e.g. ``{discriminator: {lr: 2e-4}}``)
+    optimizers: dict[str, dict[str, Any]] = {}
     init: str = "previous_best"  #: previous_best | previous_last | none | path to a checkpoint or model.pt
     data: dict[str, Any] = {}  #: overrides of the top-level data section for this stage
 
@@ -119,9 +124,35 @@ class Recipe(_Strict):
             if bad:
                 k = sorted(bad)[0]
                 raise ValueError(f"stages.{i}.data: unknown key '{k}'.{did_you_mean(k, DataConfig.model_fields)}")
+            self._check_optimizers(i)
+            if self.stage_data(i).annotation.kind != "dense" and not STRATEGIES.get(st.strategy).sparse_labels:
+                takes = [n for n in STRATEGIES if STRATEGIES.get(n).sparse_labels]
+                raise ValueError(f"stages.{i}: strategy '{st.strategy}' does not take sparse labels (data.annotation."
+                                 f"kind={self.stage_data(i).annotation.kind}); strategies that do: {takes}")
             if STRATEGIES.get(st.strategy).source_free:
                 self._check_source_free(i)
         return self
+
+    def _check_optimizers(self, i: int) -> None:
+        from .strategies import STRATEGIES
+
+        st, names = self.stages[i], STRATEGIES.get(self.stages[i].strategy).optimizers
+        for name, override in st.optimizers.items():
+            if name not in names:
+                raise ValueError(f"stages.{i}.optimizers: strategy '{st.strategy}' has no optimizer '{name}'."
+                                 f"{did_you_mean(name, names)} Its optimizers: {list(names) or 'one, set optimizer'}")
+            try:
+                OptimizerConfig.model_validate({**st.optimizer.model_dump(), **override})
+            except ValidationError as e:
+                raise ValueError(_format(e, OptimizerConfig, f"stages.{i}.optimizers.{name}")) from None
+
+    def stage_optimizers(self, i: int) -> dict[str, OptimizerConfig]:
+        """One optimizer config per name of a strategy that steps several: ``optimizer`` with its overrides."""
+        from .strategies import STRATEGIES
+
+        st = self.stages[i]
+        return {n: OptimizerConfig.model_validate({**st.optimizer.model_dump(), **st.optimizers.get(n, {})})
+                for n in STRATEGIES.get(st.strategy).optimizers}
 
     def _check_source_free(self, i: int) -> None:
         """A source-free stage gets a trained model and unlabelled target images: no labels, no source domain."""

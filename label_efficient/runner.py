@@ -27,6 +27,7 @@ import yaml
 from .backbones import build_backbone, load_parts
 from .backbones.rotated_heads import rebuild as rebuild_inference
 from .data import CaseStore, DatasetSpec, StepBatches, Stream, build_dataset, eval_volumes, split_labeled, train_loader
+from .data.annotation import SliceAnnotation
 from .data.loaders import volume_loader
 from .data.readers import DataError
 from .evaluation import evaluate
@@ -182,21 +183,24 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         model = build_model(recipe, ctx)
         _init_weights(model, stage.init, previous, meta, name)
         strategy = strategy_cls(model, ctx.spec.num_classes, stage.config)
-        module = StrategyModule(strategy, stage.optimizer, stage.steps, seed=recipe.seed + 7919 * i,
+        module = StrategyModule(strategy, recipe.stage_optimizers(i) if strategy.optimizers else stage.optimizer, stage.steps, seed=recipe.seed + 7919 * i,
                                 spatial_dims=ctx.spec.spatial_dims, roi_size=ctx.cfg.patch_size, meta=meta,
                                 overlap=recipe.evaluation.sw_overlap)
         done = sdir / "done.json"
         if not (resume and done.exists()):
+            annotation = SliceAnnotation(ctx.cfg.annotation) if ctx.cfg.annotation.kind == "slices" else None
             batches = StepBatches(ctx.store, _streams(strategy, ctx, stage.batch_size, name), stage.val_every,
                                   seed=recipe.seed + 7919 * i, augment=ctx.cfg.augment, patch_size=ctx.cfg.patch_size,
-                                  image_transform=strategy.image_transform())
+                                  image_transform=strategy.image_transform(), annotation=annotation,
+                                  target_transform=strategy.target_transform(), target_cache=sdir / "targets")
+            per_step = module.optimizer_steps_per_step  # Lightning counts optimizer steps
             val = ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases) if strategy_cls.needs_labeled else []
             # last.ckpt is written at the end of every epoch's validation (or every epoch's last step without
             # val): Lightning's own save_last refreshes it only when a new best is saved, and a checkpoint taken
             # in on_train_epoch_end does not resume bit-identically.
             last_ckpt = ModelCheckpoint(dirpath=sdir, filename="last", monitor=None, save_top_k=1,
                                         enable_version_counter=False, save_on_train_epoch_end=False,
-                                        **({} if val else {"every_n_train_steps": stage.val_every}))
+                                        **({} if val else {"every_n_train_steps": stage.val_every * per_step}))
             ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor="val/mean_dice", mode="max", save_top_k=1,
                                    enable_version_counter=False, save_on_train_epoch_end=False) if val else None
             last = sdir / "last.ckpt"
@@ -205,7 +209,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                            if resume_from else None)
             trainer = pl.Trainer(
                 accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,
-                precision=precision, max_steps=stage.steps, max_epochs=-1, callbacks=[last_ckpt, ckpt] if val else [last_ckpt],
+                precision=precision, max_steps=stage.steps * per_step, max_epochs=-1, callbacks=[last_ckpt, ckpt] if val else [last_ckpt],
                 logger=ResumableCSVLogger(sdir, resume_step), log_every_n_steps=recipe.trainer.log_every,
                 num_sanity_val_steps=0, limit_val_batches=1.0 if val else 0, enable_progress_bar=recipe.trainer.progress_bar,
                 plugins=[AtomicCheckpointIO()], enable_model_summary=False, default_root_dir=sdir,
@@ -229,7 +233,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         previous = {"best": copy.deepcopy(strategy.export_model().state_dict()), "last": last_state,
                     "parts": strategy.handover_parts()}
         stage_reports.append({"stage": name, "strategy": stage.strategy, **info})
-    if strategy.label_free:  # pre-training only: nothing to score; model.pt hands its parts to a later run
+    if not strategy.segments:  # pre-training / embedding only: nothing to score; model.pt hands on its parts
         metrics = {"mean_dice": None, "evaluated": False, **_run_summary(stage_reports, t_start)}
         save_bundle(out / "model.pt", strategy.export_inference(), recipe, ctx, parts=previous["parts"])
         atomic_write_json(out / "metrics.json", metrics)

@@ -3,21 +3,30 @@
 Training data is a sequence of *steps*. Item ``(epoch, i)`` is one combined batch
 ``{"labeled": {"image", "label"}, "unlabeled": {"image"}}``; which samples and which augmentation
 it holds depend only on (seed, epoch, i), so a run resumed at an epoch boundary sees the same data.
+A sparse annotation adds ``label_mask`` (1 where a voxel is annotated) to the labelled part, and a strategy's
+per-case targets (``Strategy.target_transform``) add their named maps; all follow the image's augmentation.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..utils import worker_init
+from ..utils import atomic_save_npz, worker_init
+from .annotation import SliceAnnotation
 from .datasets import Case
 from .readers import DataError
 from .store import CaseStore
 from .transforms import Augment2D, Augment3D
+
+log = logging.getLogger(__name__)
+#: ``(image (C, *S), label (*S), label_mask (*S), case id) -> {name: map (*S)}``: a strategy's per-case targets
+TargetTransform = Callable[[np.ndarray, np.ndarray, np.ndarray, str], dict[str, np.ndarray]]
 
 
 @dataclass
@@ -65,10 +74,15 @@ def _mix(*ints: int) -> int:
 class StepBatches(Dataset):
     def __init__(self, store: CaseStore, streams: Mapping[str, Stream], steps_per_epoch: int, seed: int = 0,
                  augment: bool = True, patch_size: Sequence[int] | None = None,
-                 image_transform: Callable[[np.ndarray], np.ndarray] | None = None):
+                 image_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                 annotation: SliceAnnotation | None = None, target_transform: TargetTransform | None = None,
+                 target_cache: str | Path | None = None):
         self.store, self.streams, self.steps_per_epoch, self.seed = store, dict(streams), steps_per_epoch, seed
         self.image_transform = image_transform
         self._transformed: dict[str, np.ndarray] = {}
+        self.annotation, self.target_transform = annotation, target_transform
+        self.target_cache = Path(target_cache) if target_cache is not None else None
+        self._targets: dict[str, dict[str, np.ndarray]] = {}
         spec = store.spec
         if spec.spatial_dims == 3:
             if patch_size is None:
@@ -79,6 +93,34 @@ class StepBatches(Dataset):
         for s in self.streams.values():
             s.cases = store.load(s.cases, s.with_label)
         self._volumes = {name: s.volume_slices() for name, s in self.streams.items() if s.partitions}
+        labeled = [c for s in self.streams.values() if s.with_label for c in s.cases]
+        if self.annotation is not None or self.target_transform is not None:
+            for k, case in enumerate(labeled):  # once per case, up front (registration may take a minute per case)
+                self._case_targets(case)
+                log.info("labelled targets: %d/%d cases ready", k + 1, len(labeled))
+
+    def _case_targets(self, case: Case) -> dict[str, np.ndarray]:
+        """Per-case ``label`` (sparse when annotated), ``label_mask`` and the strategy's maps; cached in memory and,
+        with ``target_cache``, on disk (an interrupted run does not recompute them)."""
+        if case.id in self._targets:
+            return self._targets[case.id]
+        path = self.target_cache / f"{case.id}.npz" if self.target_cache is not None else None
+        if path is not None and path.is_file():
+            with np.load(path) as z:
+                self._targets[case.id] = {k: z[k] for k in z.files}
+            return self._targets[case.id]
+        item = self.store.get(case, True)
+        if self.annotation is not None:
+            label, mask, _ = self.annotation(item.label, case.id)
+        else:
+            label, mask = item.label, np.ones(item.label.shape, dtype=np.float32)
+        out = {"label": label, "label_mask": mask}
+        if self.target_transform is not None:
+            out.update(self.target_transform(item.image, label, mask, case.id))
+        if path is not None:
+            atomic_save_npz(path, out)
+        self._targets[case.id] = out
+        return out
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -112,7 +154,7 @@ class StepBatches(Dataset):
         step = epoch * self.steps_per_epoch + i
         out = {}
         for sid, (name, stream) in enumerate(sorted(self.streams.items())):
-            images, labels = [], []
+            images, labels, maps = [], [], []
             if stream.partitions:
                 index, part = self._partition_draw(sid, name, step)
             else:
@@ -120,16 +162,29 @@ class StepBatches(Dataset):
             for j in range(stream.batch_size):
                 case = stream.cases[index[j]]
                 item = self.store.get(case, stream.with_label)
-                img, lab = self.augment(self._image(case, item.image), item.label if stream.with_label else None, _mix(self.seed, sid, step, j))
+                label, extra = None, None
+                if stream.with_label:
+                    label = item.label
+                    if self._targets_on:
+                        extra = dict(self._case_targets(case))
+                        label = extra.pop("label")
+                img, lab, extra = self.augment(self._image(case, item.image), label, _mix(self.seed, sid, step, j), extra)
                 images.append(torch.from_numpy(img))
                 if stream.with_label:
                     labels.append(torch.from_numpy(np.ascontiguousarray(lab)))
+                    maps.append(extra)
             out[name] = {"image": torch.stack(images)}
             if stream.partitions:
                 out[name]["partition"] = torch.tensor(part)
             if stream.with_label:
                 out[name]["label"] = torch.stack(labels).long()
+                for k in maps[0]:
+                    out[name][k] = torch.stack([torch.from_numpy(np.ascontiguousarray(m[k])) for m in maps]).float()
         return out
+
+    @property
+    def _targets_on(self) -> bool:
+        return self.annotation is not None or self.target_transform is not None
 
 
 class EpochSampler(Sampler):

@@ -1,9 +1,16 @@
-"""Per-sample augmentation: albumentations for 2D (CPU), MONAI for 3D; seeded per sample for exact resume."""
+"""Per-sample augmentation: albumentations for 2D (CPU), MONAI for 3D; seeded per sample for exact resume.
+
+Besides the image and its label, a sample may carry per-pixel *maps* (``label_mask`` of a sparse annotation, a
+strategy's per-case targets such as propagated labels or distance maps): they follow the label's geometry exactly
+(nearest-neighbour, zero fill).
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+
+Maps = Mapping[str, np.ndarray]
 
 
 class Augment2D:
@@ -19,15 +26,23 @@ class Augment2D:
                      A.Rotate(limit=rotate_limit, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5)], p=0.75)
         ])
 
-    def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int):
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int, maps: Maps | None = None):
+        """``(image, label, maps)`` augmented alike; ``label`` and ``maps`` may be ``None``."""
         if not self.enabled:
-            return image, label
+            return image, label, dict(maps or {})
         self.compose.set_random_seed(seed)
         hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
-        out = self.compose(image=hwc, mask=label) if label is not None else self.compose(image=hwc)
+        names = list(maps or {})
+        kw = {"image": hwc}
+        if label is not None:
+            kw["mask"] = label
+        if names:
+            kw["masks"] = [np.ascontiguousarray(maps[k]) for k in names]
+        out = self.compose(**kw)
         img = out["image"]
         img = img[..., None] if img.ndim == 2 else img
-        return np.ascontiguousarray(img.transpose(2, 0, 1)), (out["mask"] if label is not None else None)
+        return (np.ascontiguousarray(img.transpose(2, 0, 1)), out.get("mask") if label is not None else None,
+                {k: np.ascontiguousarray(m) for k, m in zip(names, out.get("masks", []))})
 
 
 class Augment3D:
@@ -36,7 +51,7 @@ class Augment3D:
     def __init__(self, patch_size: Sequence[int], enabled: bool = True):
         from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, SpatialPadd
 
-        keys = ["image", "label"]
+        keys = ["image", "label", "maps"]
         self.patch_size = tuple(patch_size)
         crop = [SpatialPadd(keys, self.patch_size, allow_missing_keys=True),
                 RandSpatialCropd(keys, self.patch_size, random_size=False, allow_missing_keys=True)]
@@ -45,9 +60,16 @@ class Augment3D:
                RandFlipd(keys, prob=0.5, spatial_axis=1, allow_missing_keys=True)]
         self.compose = Compose(crop + (aug if enabled else []))
 
-    def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int):
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int, maps: Maps | None = None):
+        """``(image, label, maps)`` cropped and augmented alike; ``label`` and ``maps`` may be ``None``."""
         self.compose.set_random_state(seed=seed % 2**32)
-        d = {"image": image} if label is None else {"image": image, "label": label[None]}
+        d = {"image": image}
+        if label is not None:
+            d["label"] = label[None]
+        names = list(maps or {})
+        if names:
+            d["maps"] = np.stack([np.asarray(maps[k], dtype=np.float32) for k in names])
         out = self.compose(d)
         img = np.asarray(out["image"], dtype=np.float32)
-        return img, (np.asarray(out["label"])[0].astype(np.int64) if label is not None else None)
+        lab = np.asarray(out["label"])[0].astype(np.int64) if label is not None else None
+        return img, lab, {k: np.asarray(out["maps"][i], dtype=np.float32) for i, k in enumerate(names)}

@@ -11,11 +11,21 @@ it never owns the training loop. Any loop drives it the same way::
     logits = strategy.predict(x)                       # what evaluation calls
 
 A batch is ``{"labeled": {"image", "label"}, "unlabeled": {"image"}}``; the unlabelled part never
-carries a label (``check_batch`` enforces it).
+carries a label (``check_batch`` enforces it). With a sparse annotation the labelled part also carries
+``label_mask`` (1 = annotated voxel), and a strategy's :meth:`Strategy.target_transform` maps by name.
+
+A strategy with several networks updated in turn (GAN generator/discriminator, co-trained networks) names its
+optimizers in ``optimizers`` and steps them itself, in order, with :meth:`Strategy.optimizer_step`; the loop only
+builds them (one per name, ``trainable_parameters()`` returns ``{name: params}``) and binds them::
+
+    strategy.bind_optimizers({name: torch.optim.SGD(p, lr=0.01) for name, p in strategy.trainable_parameters().items()})
+    for step, batch in enumerate(loader):
+        out = strategy.training_step(batch, step)      # steps every optimizer once, in order
+        strategy.after_optimizer_step(step)
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, NamedTuple
+from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -37,6 +47,10 @@ class StepOutput(NamedTuple):
     logs: dict[str, float]
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
 class LabelLeakError(RuntimeError):
     """A label reached a strategy through a stream that must be unlabelled."""
 
@@ -52,8 +66,16 @@ class Strategy(nn.Module):
     #: label-free (self-/unsupervised) stage: every train image arrives unlabelled, whatever the label budget, no
     #: mask is read, and the stage runs a fixed number of steps (no validation; its last checkpoint passes on)
     label_free: ClassVar[bool] = False
+    #: the exported network is a segmenter (scored on the test split); False for pre-training and embedding stages,
+    #: whose last stage writes ``model.pt`` without evaluation
+    segments: ClassVar[bool] = True
     #: source-free adaptation: receives a trained model and unlabelled target images only, never labels
     source_free: ClassVar[bool] = False
+    #: the strategy honours ``label_mask`` (sparse annotation); the runner refuses sparse labels otherwise
+    sparse_labels: ClassVar[bool] = False
+    #: names of the optimizers the strategy steps itself, in order, once each per training step (see the module
+    #: docstring); empty: one optimizer, stepped by the loop on the returned loss
+    optimizers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, num_classes: int, config: StrategyConfig | Mapping[str, Any] | None = None,
                  **overrides: Any):
@@ -64,6 +86,8 @@ class Strategy(nn.Module):
         self.model = model
         self.num_classes = num_classes
         self.total_steps = 0
+        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
 
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, total_steps: int) -> None:
@@ -84,6 +108,14 @@ class Strategy(nn.Module):
         data pipeline (cached, before augmentation), e.g. DSAIF's tree-filtered views. Default: none."""
         return None
 
+    def target_transform(self) -> Callable[[np.ndarray, np.ndarray, np.ndarray, str], dict[str, np.ndarray]] | None:
+        """Optional per-case training targets of labelled cases: ``(image (C, *S), label (*S), label_mask (*S),
+        case id) -> {name: map (*S)}``, computed once per case before training (cached on disk in the stage folder)
+        and carried in the labelled batch under ``name``, augmented like the label (e.g. DeSCO's registration-
+        propagated labels and distance-to-annotated-slice maps). Targets that change on a schedule are computed in
+        :meth:`training_step` from these maps and the step (DeSCO's weights s^d). Default: none."""
+        return None
+
     def stream_options(self) -> dict[str, dict[str, Any]]:
         """Per-stream sampling options for the data pipeline, e.g. ``{"unlabeled": {"partitions": 4,
         "volumes": 5}}`` (volume-partition sampling, see ``data.loaders.Stream``). Default: random batches."""
@@ -95,11 +127,35 @@ class Strategy(nn.Module):
         Default ``None``: the whole network."""
         return None
 
-    # -- parameters and inference ----------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter] | list[dict]:
+    # -- parameters and optimizers ---------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter] | list[dict] | dict[str, Iterable[nn.Parameter]]:
         """Parameters the optimizer updates (default: the student's), or torch parameter groups (dicts with
-        ``params`` and per-group options such as ``betas``) when the paper sets options per network part."""
+        ``params`` and per-group options such as ``betas``) when the paper sets options per network part; a strategy
+        with named ``optimizers`` returns ``{name: parameters}``."""
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def bind_optimizers(self, optimizers: Mapping[str, Any], backward: Callable[[torch.Tensor], None] | None = None):
+        """Give a strategy with named ``optimizers`` the optimizers it steps (``backward``: how to back-propagate,
+        e.g. Lightning's ``manual_backward`` for mixed precision and DDP; default ``loss.backward()``)."""
+        missing = sorted(set(self.optimizers) - set(optimizers))
+        if missing:
+            raise KeyError(f"strategy '{self.name}' steps optimizers {list(self.optimizers)}; missing {missing}")
+        self._optimizers = dict(optimizers)
+        self._backward = backward or torch.Tensor.backward
+
+    def optimizer_step(self, name: str, loss: torch.Tensor) -> None:
+        """zero_grad → backward(loss) → step of optimizer ``name``; a non-finite loss stops before any update."""
+        if name not in self._optimizers:
+            raise RuntimeError(f"optimizer '{name}' of strategy '{self.name}' is not bound: call bind_optimizers()")
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss of optimizer '{name}' is {loss.item()} (strategy '{self.name}'); "
+                                     "no update was made; the last good checkpoint is kept")
+        opt = self._optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        self._backward(loss)
+        opt.step()
+
+    # -- inference -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +178,9 @@ class Strategy(nn.Module):
             raise KeyError(f"strategy '{self.name}' needs a 'labeled' stream; batch has {sorted(batch)}")
         if self.needs_unlabeled and "unlabeled" not in batch:
             raise KeyError(f"strategy '{self.name}' needs an 'unlabeled' stream; batch has {sorted(batch)}")
+        if "label_mask" in batch.get("labeled", {}) and not self.sparse_labels:
+            raise ValueError(f"strategy '{self.name}' does not take sparse labels (label_mask); use one that does "
+                             f"({', '.join(n for n in STRATEGIES if STRATEGIES.get(n).sparse_labels)})")
         if "label" in batch.get("unlabeled", {}):
             raise LabelLeakError("the unlabelled stream carries a 'label': labels must never reach unlabelled data")
         if self.source_free and "labeled" in batch:

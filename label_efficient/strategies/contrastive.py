@@ -165,6 +165,7 @@ class ContrastiveGlobal(Strategy):
     needs_labeled = False
     needs_unlabeled = True
     label_free = True
+    segments = False
 
     class Config(_Intensity):
         partitions: int = Field(4, ge=2)  #: S
@@ -218,6 +219,7 @@ class ContrastiveLocal(Strategy):
     needs_labeled = False
     needs_unlabeled = True
     label_free = True
+    segments = False
 
     class Config(_Intensity):
         decoder_blocks: int = Field(3, ge=1)  #: l

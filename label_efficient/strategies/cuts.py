@@ -93,6 +93,7 @@ class CUTS(Strategy):
     needs_labeled = False
     needs_unlabeled = True
     label_free = True
+    segments = False
 
     class Config(StrategyConfig):
         lambda_contrastive: float = Field(0.001, ge=0, le=1)  #: λ

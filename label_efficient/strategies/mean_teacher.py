@@ -26,6 +26,7 @@ class MeanTeacher(Strategy):
     """Mean teacher: supervised ½(CE+Dice) + ramped MSE consistency to an EMA teacher on noisy inputs."""
 
     needs_unlabeled = True
+    sparse_labels = True
 
     class Config(StrategyConfig):
         ema_decay: float = 0.99  #: α (SSL4MIS)
@@ -61,7 +62,7 @@ class MeanTeacher(Strategy):
             logits = self.model(torch.cat([lab["image"], x_u]))
         else:
             logits = torch.cat([self.model(lab["image"]), self.model(x_u)])
-        loss_sup = supervised_loss(self.loss_fn, logits[:n_l], lab["label"])
+        loss_sup = supervised_loss(self.loss_fn, logits[:n_l], lab["label"], lab.get("label_mask"))
         noise = (torch.randn_like(unl["image"]) * c.noise_std).clamp(-c.noise_clip, c.noise_clip)
         self.teacher.train(not c.teacher_eval_mode)
         with torch.no_grad():

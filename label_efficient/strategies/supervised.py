@@ -1,4 +1,5 @@
-"""Supervised baseline on the labelled stream only: ½(CE + Dice)."""
+"""Supervised baseline on the labelled stream only: ½(CE + Dice), restricted to the annotated voxels of a sparse
+annotation (``label_mask``)."""
 from __future__ import annotations
 
 from ..losses import ce_dice, supervised_loss
@@ -8,6 +9,8 @@ from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 @register_strategy("supervised")
 class Supervised(Strategy):
     """L = ½(CE(f(x), y) + Dice(f(x), y)) on labelled images; the lower bound of every comparison."""
+
+    sparse_labels = True
 
     class Config(StrategyConfig):
         pass
@@ -19,5 +22,5 @@ class Supervised(Strategy):
     def training_step(self, batch, step):
         self.check_batch(batch)
         lab = batch["labeled"]
-        loss = supervised_loss(self.loss_fn, self.model(lab["image"]), lab["label"])
+        loss = supervised_loss(self.loss_fn, self.model(lab["image"]), lab["label"], lab.get("label_mask"))
         return StepOutput(loss, {"loss_sup": loss.detach()})
