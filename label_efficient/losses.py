@@ -35,9 +35,17 @@ def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     return (ce * weight).sum() / weight.sum().clamp_min(1e-8)
 
 
+def sample_weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """−Σ W·log p_y / Σ W per sample, averaged over the batch (DeSCO's ``wce``); a sample without weight adds 0."""
+    ce = F.cross_entropy(logits, target, reduction="none").flatten(1)
+    w = weight.flatten(1).to(ce.dtype)
+    return ((ce * w).sum(1) / w.sum(1).clamp_min(1e-8)).mean()
+
+
 def weighted_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, squared: bool = True,
-                  smooth: float = 1e-5) -> torch.Tensor:
-    """1 − mean over classes of the Dice restricted to ``weight`` (batch-summed; squared denominators)."""
+                  smooth: float = 1e-5, include_background: bool = True) -> torch.Tensor:
+    """1 − mean over classes (from class 1 without background) of the Dice restricted to ``weight`` (batch-summed;
+    squared denominators)."""
     probs = logits.softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
     w = weight.unsqueeze(1).to(probs.dtype)
@@ -45,7 +53,8 @@ def weighted_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     inter = (probs * onehot * w).sum(dims)
     p, y = (probs**2, onehot**2) if squared else (probs, onehot)
     denom = (p * w).sum(dims) + (y * w).sum(dims)
-    return 1 - ((2 * inter + smooth) / (denom + smooth)).mean()
+    dice = (2 * inter + smooth) / (denom + smooth)
+    return 1 - (dice if include_background else dice[1:]).mean()
 
 
 def sigmoid_rampup(step: float, length: float) -> float:

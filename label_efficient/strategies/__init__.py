@@ -4,11 +4,12 @@ from .bcp import BCP, BCPPretrain
 from .bn_sfda import BNSFDA
 from .contrastive import ContrastiveGlobal, ContrastiveLocal
 from .cuts import CUTS
+from .desco import DeSCO
 from .dsaif import DSAIF
 from .mean_teacher import MeanTeacher
 from .supervised import Supervised
 from .upl_sfda import UPLSFDA
 
-__all__ = ["BCP", "BCPPretrain", "BNSFDA", "CUTS", "ContrastiveGlobal", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
+__all__ = ["BCP", "BCPPretrain", "BNSFDA", "CUTS", "ContrastiveGlobal", "DeSCO", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
            "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig", "Supervised", "build_strategy",
            "register_strategy"]
