@@ -33,16 +33,18 @@ class Augment2D:
         self.compose.set_random_seed(seed)
         hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
         names = list(maps or {})
-        kw = {"image": hwc}
-        if label is not None:
-            kw["mask"] = label
-        if names:
-            kw["masks"] = [np.ascontiguousarray(maps[k]) for k in names]
-        out = self.compose(**kw)
+        if not names:
+            out = self.compose(image=hwc, mask=label) if label is not None else self.compose(image=hwc)
+            label_out, warped = out.get("mask"), []
+        else:  # label and maps through one (float) path, so nearest-neighbour picks the same source pixel for all
+            stack = ([label.astype(np.float32)] if label is not None else []) + [maps[k].astype(np.float32) for k in names]
+            out = self.compose(image=hwc, masks=stack)
+            warped = list(out["masks"])
+            label_out = np.rint(warped.pop(0)).astype(label.dtype) if label is not None else None
         img = out["image"]
         img = img[..., None] if img.ndim == 2 else img
-        return (np.ascontiguousarray(img.transpose(2, 0, 1)), out.get("mask") if label is not None else None,
-                {k: np.ascontiguousarray(m) for k, m in zip(names, out.get("masks", []))})
+        return (np.ascontiguousarray(img.transpose(2, 0, 1)), label_out,
+                {k: np.ascontiguousarray(m) for k, m in zip(names, warped)})
 
 
 class Augment3D:
