@@ -301,6 +301,18 @@ def write_markdown(rows: list[dict]) -> None:
                f"{LP['batch_size']['labeled']} + {LP['batch_size']['unlabeled']}, {LP['steps']} steps, sliding-window "
                "test (overlap 0.5); Dice and HD95 in voxels on the 8 test volumes. Not comparable to published LA numbers "
                "(80 train / 20 test volumes, 15k+ iterations).", "", table(load_rows(la)), ""]
+    desco = HERE / "results" / "la_desco.json"
+    if desco.exists():
+        from la_desco import table as desco_table
+
+        md += ["## DeSCO: two orthogonal slices per volume (LA 3D)", "",
+               "Regenerate: `python benchmarks/la_desco.py`. `recipes/la_desco.yaml`: 5 labelled volumes of the LA "
+               "subset, each with one axial and one coronal annotated slice (middle slices; the rest of the label is "
+               "erased before training), 11 unlabelled; ANTs SyNRA propagation; 3D U-Net 16…128 with dropout 0.1, "
+               "80×80×48 crops, SGD 0.01 (Net1 ×0.1 at 5/12 and 10/12 of the run), last checkpoint, Dice/HD95 (voxels) "
+               "on the 8 test volumes. `supervised_sparse`: the same 10 slices only (loss on `label_mask`); "
+               "`supervised_dense`: the 5 volumes fully annotated. Same steps for every row.", "",
+               desco_table(load_rows(desco)), ""]
     speed_files = sorted((HERE / "results").glob("speed*.json"))
     if speed_files:
         md += ["## Step time against a raw PyTorch loop", "",

@@ -216,7 +216,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
             )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*does not have many workers.*")
-                warnings.filterwarnings("ignore", ".*IterableDataset.*|.*num_workers.*|.*LeafSpec.*|.*val_dataloader.*")
+                warnings.filterwarnings("ignore", ".*IterableDataset.*|.*num_workers.*|.*LeafSpec.*|.*val_dataloader.*"
+                                                  "|.*manual optimization and every_n_train_steps.*")
                 trainer.fit(module, train_dataloaders=train_loader(batches, ctx.cfg.num_workers),
                             val_dataloaders=volume_loader(val) if val else None,
                             ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
