@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .data.annotation import AnnotationConfig
 from .data.budget import LabelBudget
+from .data.synthetic import SyntheticConfig
 from .registry import did_you_mean
 
 
@@ -32,6 +33,7 @@ class DataConfig(_Strict):
     patch_size: list[int] | None = None  #: 3D: random training crop and sliding-window size
     budget: LabelBudget = LabelBudget(all=True)
     annotation: AnnotationConfig = AnnotationConfig()  #: dense, or sparse slices of each labelled case (label_mask)
+    synthetic: SyntheticConfig | None = None  #: generated pairs added to the labelled stream (data.synthetic)
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str = "test"
@@ -125,6 +127,7 @@ class Recipe(_Strict):
                 k = sorted(bad)[0]
                 raise ValueError(f"stages.{i}.data: unknown key '{k}'.{did_you_mean(k, DataConfig.model_fields)}")
             self._check_optimizers(i)
+            self._check_synthetic(i)
             if self.stage_data(i).annotation.kind != "dense" and not STRATEGIES.get(st.strategy).sparse_labels:
                 takes = [n for n in STRATEGIES if STRATEGIES.get(n).sparse_labels]
                 raise ValueError(f"stages.{i}: strategy '{st.strategy}' does not take sparse labels (data.annotation."
@@ -132,6 +135,18 @@ class Recipe(_Strict):
             if STRATEGIES.get(st.strategy).source_free:
                 self._check_source_free(i)
         return self
+
+    def _check_synthetic(self, i: int) -> None:
+        syn = self.stage_data(i).synthetic
+        if syn is None:
+            return
+        if (syn.from_stage is None) == (syn.path is None):
+            raise ValueError(f"stages.{i}.data.synthetic: give exactly one of from_stage (an earlier stage's name) "
+                             "or path (a generated folder with manifest.json)")
+        earlier = [st.name or st.strategy for st in self.stages[:i]]
+        if syn.from_stage is not None and syn.from_stage not in earlier:
+            raise ValueError(f"stages.{i}.data.synthetic.from_stage: no earlier stage named '{syn.from_stage}'."
+                             f"{did_you_mean(syn.from_stage, earlier)} Earlier stages: {earlier or 'none'}")
 
     def _check_optimizers(self, i: int) -> None:
         from .strategies import STRATEGIES

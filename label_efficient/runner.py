@@ -30,6 +30,7 @@ from .data import CaseStore, DatasetSpec, StepBatches, Stream, build_dataset, ev
 from .data.annotation import SliceAnnotation
 from .data.loaders import volume_loader
 from .data.readers import DataError
+from .data.synthetic import generate_pairs, load_pairs
 from .evaluation import evaluate
 from .ood import OODDetector, pooled_features
 from .precision import log_choice
@@ -104,10 +105,11 @@ def load_for_evaluation(recipe: Recipe, ctx: DataContext, path: str | Path) -> t
     return load_bundle(path)[0]
 
 
-def _streams(strategy: Strategy, ctx: DataContext, batch, stage_name: str) -> dict[str, Stream]:
+def _streams(strategy: Strategy, ctx: DataContext, batch, stage_name: str, synthetic=None) -> dict[str, Stream]:
     streams, options = {}, strategy.stream_options()
     if strategy.needs_labeled:
-        streams["labeled"] = Stream(ctx.labeled, batch.labeled, with_label=True, **options.get("labeled", {}))
+        extra = {"synthetic": synthetic, "synthetic_ratio": ctx.cfg.synthetic.ratio} if synthetic else {}
+        streams["labeled"] = Stream(ctx.labeled, batch.labeled, with_label=True, **options.get("labeled", {}), **extra)
     if strategy.needs_unlabeled:
         if not ctx.unlabeled:
             raise DataError(f"stage '{stage_name}': strategy '{strategy.name}' needs unlabelled data, but the "
@@ -151,6 +153,29 @@ def _init_weights(model: torch.nn.Module, init: str, previous: dict | None, meta
     load_state(model, state, f"stage '{stage}' init '{init}'")
 
 
+def _synthetic_pairs(recipe: Recipe, i: int, ctx: DataContext, out: Path):
+    """Generated pairs a stage adds to its labelled stream (``data.synthetic``), or ``None``."""
+    syn = ctx.cfg.synthetic
+    if syn is None:
+        return None
+    if syn.path is not None:
+        return load_pairs(Path(syn.path), ctx.store)
+    names = [st.name or st.strategy for st in recipe.stages]
+    j = names.index(syn.from_stage)
+    return load_pairs(out / f"stage{j}_{names[j]}" / "generated", ctx.store)
+
+
+def _generate(strategy: Strategy, ctx: DataContext, sdir: Path, seed: int) -> None:
+    """Run a data-producing stage's generation for the labelled cases of its budget (resumable)."""
+    train = ctx.spec.select(ctx.cfg.train_split, ctx.cfg.domain)
+    labeled = ctx.store.load(split_labeled(train, ctx.cfg.budget)[0], True)
+    strategy.eval()
+    m = generate_pairs(strategy.generate, ctx.store, labeled, sdir / "generated",
+                       getattr(strategy.config, "variants", 1), seed, strategy.name)
+    log.info("stage %s: %d generated pairs from %d labelled cases (%d empty masks skipped) in %s", sdir.name,
+             m["variants"] * len(m["cases"]), len(m["cases"]), len(m["skipped_empty"]), sdir / "generated")
+
+
 def _strategy_state(ckpt_path: Path) -> dict:
     blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     return {k[len("strategy."):]: v for k, v in blob["state_dict"].items() if k.startswith("strategy.")}
@@ -189,7 +214,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         done = sdir / "done.json"
         if not (resume and done.exists()):
             annotation = SliceAnnotation(ctx.cfg.annotation) if ctx.cfg.annotation.kind == "slices" else None
-            batches = StepBatches(ctx.store, _streams(strategy, ctx, stage.batch_size, name), stage.val_every,
+            streams = _streams(strategy, ctx, stage.batch_size, name, _synthetic_pairs(recipe, i, ctx, out))
+            batches = StepBatches(ctx.store, streams, stage.val_every,
                                   seed=recipe.seed + 7919 * i, augment=ctx.cfg.augment, patch_size=ctx.cfg.patch_size,
                                   image_transform=strategy.image_transform(), annotation=annotation,
                                   target_transform=strategy.target_transform(), target_cache=sdir / "targets")
@@ -233,6 +259,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         strategy.load_state_dict(_strategy_state(sdir / info["best"]))
         previous = {"best": copy.deepcopy(strategy.export_model().state_dict()), "last": last_state,
                     "parts": strategy.handover_parts()}
+        if strategy.produces_pairs:
+            _generate(strategy, ctx, sdir, recipe.seed + i)
         stage_reports.append({"stage": name, "strategy": stage.strategy, **info})
     if not strategy.segments:  # pre-training / embedding only: nothing to score; model.pt hands on its parts
         metrics = {"mean_dice": None, "evaluated": False, **_run_summary(stage_reports, t_start)}

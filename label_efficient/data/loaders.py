@@ -44,6 +44,9 @@ class Stream:
     with_label: bool
     partitions: int | None = None
     volumes: int = 5
+    #: generated (image, label) pairs mixed into a labelled stream: ``round(synthetic_ratio · batch_size)`` per batch
+    synthetic: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
+    synthetic_ratio: float = 0.0
 
     def __post_init__(self):
         if not self.cases:
@@ -52,6 +55,13 @@ class Stream:
             self.batch_size = 2 * self.volumes * self.partitions
         if self.batch_size < 1:
             raise DataError(f"batch size must be ≥ 1, got {self.batch_size}")
+        if self.synthetic and not self.with_label:
+            raise DataError("generated pairs carry labels: they can only join a labelled stream")
+
+    @property
+    def n_synthetic(self) -> int:
+        """Generated pairs per batch (the first slots), at least one when there are any."""
+        return max(1, round(self.synthetic_ratio * self.batch_size)) if self.synthetic else 0
 
     def volume_slices(self) -> list[list[int]]:
         """Indices into ``cases`` of each volume's slices, in slice order (for volume-partition sampling)."""
@@ -94,6 +104,9 @@ class StepBatches(Dataset):
             s.cases = store.load(s.cases, s.with_label)
         self._volumes = {name: s.volume_slices() for name, s in self.streams.items() if s.partitions}
         labeled = [c for s in self.streams.values() if s.with_label for c in s.cases]
+        if any(s.synthetic for s in self.streams.values()) and self._targets_on:
+            raise DataError("generated pairs are densely labelled: they cannot be mixed with a sparse annotation or "
+                            "a strategy's per-case targets")
         if self.annotation is not None or self.target_transform is not None:
             for k, case in enumerate(labeled):  # once per case, up front (registration may take a minute per case)
                 self._case_targets(case)
@@ -159,7 +172,16 @@ class StepBatches(Dataset):
                 index, part = self._partition_draw(sid, name, step)
             else:
                 index = [self._index(sid, stream, step * stream.batch_size + j) for j in range(stream.batch_size)]
+            n_syn = stream.n_synthetic
+            if n_syn:
+                drawn = np.random.default_rng(_mix(self.seed, sid, step, 2)).integers(len(stream.synthetic), size=n_syn)
             for j in range(stream.batch_size):
+                if j < n_syn:  # a generated pair: augmented like a real one
+                    img, lab, _ = self.augment(*stream.synthetic[drawn[j]], _mix(self.seed, sid, step, j))
+                    images.append(torch.from_numpy(img))
+                    labels.append(torch.from_numpy(np.ascontiguousarray(lab)))
+                    maps.append({})
+                    continue
                 case = stream.cases[index[j]]
                 item = self.store.get(case, stream.with_label)
                 label, extra = None, None

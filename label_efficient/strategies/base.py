@@ -69,6 +69,10 @@ class Strategy(nn.Module):
     #: the exported network is a segmenter (scored on the test split); False for pre-training and embedding stages,
     #: whose last stage writes ``model.pt`` without evaluation
     segments: ClassVar[bool] = True
+    #: a data-producing stage: after training, ``generate(image (C, *S), label (*S), n, seed) -> (n, C, *S)`` makes
+    #: ``config.variants`` new images per labelled case whose label stays exact; the runner writes them for later
+    #: stages (``data.synthetic``, see ``data.synthetic``)
+    produces_pairs: ClassVar[bool] = False
     #: source-free adaptation: receives a trained model and unlabelled target images only, never labels
     source_free: ClassVar[bool] = False
     #: the strategy honours ``label_mask`` (sparse annotation); the runner refuses sparse labels otherwise

@@ -1,0 +1,94 @@
+"""Generated image/label pairs: written by a data-producing stage, read by later stages' labelled streams.
+
+A stage whose strategy ``produces_pairs`` (e.g. AugPaint) calls ``strategy.generate(image, label, n, seed)`` for each
+labelled case of its label budget after training, and writes into ``<stage>/generated/``::
+
+    <case id>.npz      images (n, C, *S) float32 and label (*S) int64, written atomically, one per source case
+    manifest.json      dataset, class count, channels, image size, cases, skipped: written last
+
+A folder without ``manifest.json`` is unfinished: it is never read, and generation resumes at the first missing case.
+A later stage adds the pairs to its labelled stream with ``data.synthetic: {from_stage: <name>, ratio: 0.5}``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..utils import atomic_save_npz, atomic_write_json
+from .datasets import Case
+from .readers import DataError
+from .store import CaseStore
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+class SyntheticConfig(BaseModel):
+    """Generated pairs for the labelled stream: from an earlier stage of the recipe (its name) or a folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    from_stage: str | None = None
+    path: str | None = None
+    ratio: float = Field(0.5, gt=0, lt=1)  #: share of each labelled batch drawn from generated pairs (AugPaint R: 1:1)
+
+
+def dataset_identity(store: CaseStore) -> dict:
+    spec = store.spec
+    return {"dataset": spec.name, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
+            "image_size": list(store.image_size) if store.image_size else None}
+
+
+def generate_pairs(generate: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor], store: CaseStore,
+                   cases: Sequence[Case], out: Path, variants: int, seed: int, strategy: str) -> dict:
+    """Generate ``variants`` images per labelled case into ``out`` (resumable), then write the manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).is_file():
+        return json.loads((out / MANIFEST).read_text())
+    done, skipped, t0, made = [], [], time.perf_counter(), 0
+    for k, case in enumerate(cases):
+        item = store.get(case, True)
+        if not item.label.any():
+            skipped.append(case.id)
+            continue
+        path = out / f"{case.id}.npz"
+        if not path.is_file():
+            images = generate(torch.from_numpy(item.image), torch.from_numpy(item.label), variants, seed * 100_003 + k)
+            atomic_save_npz(path, {"images": images.float().numpy(), "label": item.label.astype(np.int64)})
+            made += 1
+            rate = (time.perf_counter() - t0) / made
+            log.info("generated %d/%d labelled cases (%.1f s per case, ~%.0f s left; resumable)", k + 1, len(cases),
+                     rate, rate * (len(cases) - k - 1))
+        done.append(case.id)
+    if skipped:
+        log.warning("%d labelled case(s) with an empty mask were skipped (no foreground to keep): %s%s",
+                    len(skipped), skipped[:5], " …" if len(skipped) > 5 else "")
+    manifest = {**dataset_identity(store), "strategy": strategy, "variants": variants, "cases": done,
+                "skipped_empty": skipped}
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def load_pairs(folder: Path, store: CaseStore) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The pairs of a finished generation folder, refused (named) when made for another dataset or class count."""
+    if not (folder / MANIFEST).is_file():
+        raise DataError(f"{folder} has no {MANIFEST}: its generation did not finish (resume the generating stage)")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    mine = dataset_identity(store)
+    for key, value in mine.items():
+        if manifest.get(key) != value:
+            raise DataError(f"generated pairs in {folder} were made with {key}={manifest.get(key)!r}, but this stage "
+                            f"has {key}={value!r}: regenerate them for this dataset")
+    pairs = []
+    for cid in manifest["cases"]:
+        with np.load(folder / f"{cid}.npz") as z:
+            pairs += [(img, z["label"]) for img in z["images"]]
+    if not pairs:
+        raise DataError(f"{folder} holds no generated pair (every labelled mask was empty?)")
+    return pairs
