@@ -1,4 +1,4 @@
-"""Command line: ``label-efficient run|evaluate|predict|list``."""
+"""Command line: ``label-efficient run|sweep|evaluate|predict|doctor|list``."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,21 @@ def _cmd_run(args) -> int:
     out = args.out or str(Path("outputs") / recipe.name)
     metrics = run_recipe(recipe, out, resume=args.resume)
     print(json.dumps({"out": out, "mean_dice": metrics["mean_dice"], "mean_hd95": metrics.get("mean_hd95")}))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .recipe import load_recipe
+    from .sweep import grid, run_sweep
+
+    recipes = [load_recipe(r, args.set) for r in args.recipes]
+    cells = grid(recipes, [b.strip() for b in args.budgets.split(",")], args.seeds,
+                 [s.strip() for s in args.strategies.split(",")] if args.strategies else ())
+    out = Path(args.out)
+    print(f"sweep: {len(cells)} runs into {out} (finished cells are skipped)")
+    run_sweep(cells, out)
+    print((out / "sweep.md").read_text())
+    print(f"learning curve: {out / 'learning_curve.png'}")
     return 0
 
 
@@ -90,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default outputs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("sweep", help="recipes × label budgets × seeds: table, learning curve, labels saved")
+    p.add_argument("recipes", nargs="+", help="one recipe per line of the curve (the first is the baseline)")
+    p.add_argument("--budgets", default="1,3,7,all", help="labelled patients (counts), 'all', or budget flags")
+    p.add_argument("--strategies", help="comma list: lines from ONE single-stage recipe with its strategy replaced")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="outputs/sweep")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every recipe")
+    p.set_defaults(func=_cmd_sweep)
     p = sub.add_parser("evaluate", help="score a model.pt (or a stage last/best.ckpt) on a split of the recipe data")
     p.add_argument("recipe")
     p.add_argument("--model", required=True)
