@@ -195,7 +195,7 @@ class StrategyModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self._val_dice:
-            self.log("val/mean_dice", float(np.mean(self._val_dice)), prog_bar=True)
+            self.log("val/mean_dice", float(np.mean(self._val_dice)), prog_bar=True, sync_dist=True)
         self._val_dice.clear()
 
     def configure_optimizers(self):

@@ -38,7 +38,8 @@ from .lightning import (AtomicCheckpointIO, CheckpointMismatchError, ResumableCS
                         load_state)
 from .recipe import DataConfig, Recipe
 from .strategies import STRATEGIES, Strategy
-from .utils import atomic_torch_save, atomic_write_json, atomic_write_text, seed_everything, use_channels_last
+from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, barrier, global_rank, seed_everything,
+                    use_channels_last)
 
 log = logging.getLogger("label_efficient")
 BUNDLE_FORMAT = "label_efficient.model/1"
@@ -188,11 +189,12 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
 
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
+    out, rank0 = Path(out), global_rank() == 0  # under DDP every process runs this function; rank 0 writes
+    if rank0 and out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     t_start = time.time()
     precision = log_choice(recipe.trainer.precision, recipe.trainer.accelerator)
     previous: dict | None = None
@@ -239,6 +241,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                 logger=ResumableCSVLogger(sdir, resume_step), log_every_n_steps=recipe.trainer.log_every,
                 num_sanity_val_steps=0, limit_val_batches=1.0 if val else 0, enable_progress_bar=recipe.trainer.progress_bar,
                 plugins=[AtomicCheckpointIO()], enable_model_summary=False, default_root_dir=sdir,
+                use_distributed_sampler=False,  # EpochSampler shards draws itself (see data.loaders)
             )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -251,17 +254,24 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                 trainer.save_checkpoint(last)
             best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
             score = ckpt.best_model_score if val else None
-            atomic_write_json(done, {"best": best_path.name, "best_val_dice": float(score) if score is not None else None,
-                                     "seconds": module.train_seconds, "steps": stage.steps})
-        info = json.loads(done.read_text())
+            info = {"best": best_path.name, "best_val_dice": float(score) if score is not None else None,
+                    "seconds": module.train_seconds, "steps": stage.steps}
+            if rank0:
+                atomic_write_json(done, info)
+        else:
+            info = json.loads(done.read_text())
         strategy.load_state_dict(_strategy_state(sdir / "last.ckpt"))
         last_state = copy.deepcopy(strategy.export_model().state_dict())
         strategy.load_state_dict(_strategy_state(sdir / info["best"]))
         previous = {"best": copy.deepcopy(strategy.export_model().state_dict()), "last": last_state,
                     "parts": strategy.handover_parts()}
         if strategy.produces_pairs:
-            _generate(strategy, ctx, sdir, recipe.seed + i)
+            if rank0:
+                _generate(strategy, ctx, sdir, recipe.seed + i)
+            barrier()  # the other processes read the pairs in the next stage
         stage_reports.append({"stage": name, "strategy": stage.strategy, **info})
+    if not rank0:  # DDP: the test evaluation and every output file are rank 0's
+        return {"mean_dice": None, "evaluated": False, "rank": global_rank()}
     if not strategy.segments:  # pre-training / embedding only: nothing to score; model.pt hands on its parts
         metrics = {"mean_dice": None, "evaluated": False, **_run_summary(stage_reports, t_start)}
         save_bundle(out / "model.pt", strategy.export_inference(), recipe, ctx, parts=previous["parts"])

@@ -28,6 +28,21 @@ def worker_init(worker_id: int) -> None:
     random.seed(seed)
 
 
+def global_rank() -> int:
+    """This process's rank under Lightning/torch.distributed (0 without distribution)."""
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def barrier() -> None:
+    """Wait for every process of a distributed run (no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)

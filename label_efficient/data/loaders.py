@@ -1,8 +1,10 @@
 """Training streams and evaluation volumes.
 
-Training data is a sequence of *steps*. Item ``(epoch, i)`` is one combined batch
+Training data is a sequence of *draws*. Item ``(epoch, draw)`` is one combined batch
 ``{"labeled": {"image", "label"}, "unlabeled": {"image"}}``; which samples and which augmentation
-it holds depend only on (seed, epoch, i), so a run resumed at an epoch boundary sees the same data.
+it holds depend only on (seed, draw), so a run resumed at an epoch boundary sees the same data. One process
+takes draws epoch·S … epoch·S + S − 1 (S steps per epoch); under DDP with W processes, process r takes draws
+(epoch·S + k)·W + r, so the W processes together see exactly what one process sees with a W-times larger batch.
 A sparse annotation adds ``label_mask`` (1 where a voxel is annotated) to the labelled part, and a strategy's
 per-case targets (``Strategy.target_transform``) add their named maps; all follow the image's augmentation.
 """
@@ -163,8 +165,7 @@ class StepBatches(Dataset):
         return index, part
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, i = key
-        step = epoch * self.steps_per_epoch + i
+        _, step = key
         out = {}
         for sid, (name, stream) in enumerate(sorted(self.streams.items())):
             images, labels, maps = [], [], []
@@ -210,7 +211,8 @@ class StepBatches(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields ``(epoch, i)``; Lightning calls ``set_epoch`` at every epoch start."""
+    """Yields ``(epoch, draw)`` for this process's share of the epoch (see the module docstring); Lightning calls
+    ``set_epoch`` at every epoch start. Under ``torch.distributed`` the rank and world size are read when iterating."""
 
     def __init__(self, steps_per_epoch: int):
         self.steps_per_epoch, self.epoch = steps_per_epoch, 0
@@ -219,7 +221,11 @@ class EpochSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        return ((self.epoch, i) for i in range(self.steps_per_epoch))
+        import torch.distributed as dist
+
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        start = self.epoch * self.steps_per_epoch
+        return ((self.epoch, (start + k) * world + rank) for k in range(self.steps_per_epoch))
 
     def __len__(self) -> int:
         return self.steps_per_epoch
