@@ -87,6 +87,18 @@ def test_batched_largest_component_matches_reference(shape, classes):
     assert largest_component_labels(empty, 4).sum() == 0
 
 
+@pytest.mark.parametrize("shape", [(4, 2, 40, 40), (2, 1, 12, 12, 10)])
+def test_device_native_component_labelling_equals_scipy(shape):
+    """The torch path (used off CPU, e.g. on a GPU) gives scipy's answer, ties included."""
+    from label_efficient.transforms.components import _largest_scipy, _largest_torch
+
+    rng = np.random.default_rng(1)
+    for trial in range(5):
+        mask = torch.from_numpy((rng.random(shape) < 0.5).astype(np.float32))
+        assert torch.equal(_largest_torch(mask), _largest_scipy(mask)), trial
+    assert _largest_torch(torch.zeros(1, 1, 5, 5)).sum() == 0
+
+
 def test_teacher_starts_at_pretrained_student_then_follows_ema():
     torch.manual_seed(0)
     pre = BCPPretrain(build_backbone("unet", 2, 1, 3, channels=[8, 16, 32]), 3)

@@ -1,4 +1,9 @@
-"""Largest-connected-component cleaning of masks and label maps (full connectivity), used for pseudo labels."""
+"""Largest-connected-component cleaning of masks and label maps (full connectivity), used for pseudo labels.
+
+On CPU, scipy's ``ndimage.label``; on any other device a torch-native labelling (minimum-index propagation with
+max-pooling until it settles), so a GPU training step never copies its pseudo labels to the host. Both keep, per
+sample and channel, the largest component, ties going to the one met first in raster order.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +12,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 
-def largest_component_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Keep the largest connected component of each sample and channel of a 0/1 mask (N, C, *S)."""
+def _largest_scipy(mask: torch.Tensor) -> torch.Tensor:
     arr = mask.detach().cpu().numpy().astype(bool)
     out = np.zeros_like(arr)
     structure = ndimage.generate_binary_structure(arr.ndim - 2, arr.ndim - 2)
@@ -18,6 +22,36 @@ def largest_component_mask(mask: torch.Tensor) -> torch.Tensor:
             if k:
                 out[n, c] = comp == 1 + int(np.bincount(comp.ravel())[1:].argmax())
     return torch.from_numpy(out).to(mask.device, mask.dtype)
+
+
+def _largest_torch(mask: torch.Tensor, check_every: int = 8) -> torch.Tensor:
+    fg = mask.bool()
+    n, c = fg.shape[:2]
+    pool = F.max_pool2d if fg.ndim == 4 else F.max_pool3d
+    big = fg.numel()
+    idx = torch.arange(big, device=fg.device).view(fg.shape)
+    label = torch.where(fg, idx, big).flatten(0, 1).unsqueeze(1).float()  # float: max-pool kernels; exact < 2^24
+    if big >= 2**24:
+        raise ValueError(f"torch component labelling handles < 2^24 voxels per call, got {big}")
+    keep = fg.flatten(0, 1).unsqueeze(1)
+    while True:
+        before = label
+        for _ in range(check_every):  # each component settles on its minimum (first, in raster order) index
+            label = torch.where(keep, -pool(-label, 3, stride=1, padding=1), float(big))
+        if torch.equal(label, before):
+            break
+    label = label.long().view(fg.shape)
+    counts = torch.bincount(label.flatten(), minlength=big + 1)
+    size = torch.where(fg, counts[label], 0)
+    best = size.flatten(2).max(-1).values.view(n, c, *[1] * (fg.ndim - 2))
+    # among components of the largest size, the one with the smallest index (met first), as scipy's argmax
+    first = torch.where(fg & (size == best), label, big).flatten(2).min(-1).values.view_as(best)
+    return (fg & (label == first) & (best > 0)).to(mask.dtype)
+
+
+def largest_component_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Keep the largest connected component of each sample and channel of a 0/1 mask (N, C, *S)."""
+    return _largest_scipy(mask) if mask.device.type == "cpu" else _largest_torch(mask)
 
 
 def largest_component_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
