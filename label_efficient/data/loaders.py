@@ -223,9 +223,11 @@ class EpochSampler(Sampler):
     def __iter__(self):
         import torch.distributed as dist
 
+        # a generator body runs at the first draw: a resumed Lightning loop calls set_epoch after iter()
         world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-        start = self.epoch * self.steps_per_epoch
-        return ((self.epoch, (start + k) * world + rank) for k in range(self.steps_per_epoch))
+        epoch = self.epoch
+        for k in range(self.steps_per_epoch):
+            yield epoch, (epoch * self.steps_per_epoch + k) * world + rank
 
     def __len__(self) -> int:
         return self.steps_per_epoch
