@@ -29,10 +29,13 @@ PROTOCOL = {
 def recipe(strategy: str, labeled: str) -> dict:
     p = PROTOCOL
     common = {"val_every": 100, "batch_size": p["batch_size"], "optimizer": p["optimizer"]}
-    if strategy == "bcp":  # LA settings of the BCP code: EMA of parameters only, linear-denominator Dice
-        pre = p["steps"] // 4
+    if strategy in ("bcp", "bcp_full_pretrain"):  # LA settings of the BCP code: EMA of parameters only, linear Dice
+        # bcp: 1/4 of the protocol's steps pre-train, 3/4 self-train (same total as supervised: 600). bcp_full_pretrain:
+        # the teacher first trains for the supervised baseline's whole schedule (600), then 600 self-training steps
+        # (compare with supervised:labeled_4:1337:1200, the same 1200 steps)
+        pre, self_steps = (p["steps"] // 4, p["steps"] - p["steps"] // 4) if strategy == "bcp" else (p["steps"],) * 2
         stages = [{"strategy": "bcp_pretrain", "steps": pre, **common, "config": {"squared_dice": False}},
-                  {"strategy": "bcp", "steps": p["steps"] - pre, "init": "previous_last", **common,
+                  {"strategy": "bcp", "steps": self_steps, "init": "previous_last", **common,
                    "config": {"ema_buffers": False, "squared_dice": False}}]
     else:
         stages = [{"strategy": strategy, "steps": p["steps"], **common}]
