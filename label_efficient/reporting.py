@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,4 +70,36 @@ def learning_curve(run_dir: Path, path: Path) -> None:
     for a in (a1, a2):
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
+    _save(fig, path)
+
+
+def generated_pairs(folder: Path, store, cases, path: Path, rows: int = 6, cols: int = 5) -> None:
+    """A grid of generated pairs (2D): per source case its image, then up to ``cols`` generated images, the mask's
+    contours on each (the label every generated image carries)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    by_id = {c.id: c for c in cases}
+    picked = [by_id[cid] for cid in manifest["cases"][:rows] if cid in by_id]
+    if not picked:
+        return
+    fig, axes = plt.subplots(len(picked), cols + 1, figsize=(1.6 * (cols + 1), 1.6 * len(picked)), squeeze=False)
+    levels = np.arange(store.spec.num_classes) + 0.5
+    for r, case in enumerate(picked):
+        with np.load(folder / f"{case.id}.npz") as z:
+            images, label = z["images"][:cols], z["label"]
+        src = store.get(case, True).image
+        lo, hi = float(src.min()), float(src.max())
+        for k, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if k > len(images):
+                continue
+            img = src if k == 0 else images[k - 1]
+            ax.imshow(img[0], cmap="gray", vmin=lo, vmax=hi)
+            ax.contour(label, levels=levels, colors="cyan", linewidths=0.5)
+            ax.set_title("source" if k == 0 else f"generated {k}", fontsize=6)
+    fig.suptitle("generated pairs: the source's foreground and mask (cyan), new background", fontsize=7)
     _save(fig, path)

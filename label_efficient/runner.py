@@ -28,7 +28,8 @@ from .backbones import build_backbone, load_parts
 from .backbones.rotated_heads import rebuild as rebuild_inference
 from .data import CaseStore, DatasetSpec, StepBatches, Stream, build_dataset, eval_volumes, split_labeled, train_loader
 from .data.annotation import SliceAnnotation
-from .data.loaders import volume_loader
+from .data.aux_masks import build_aux_masks
+from .data.loaders import MaskStream, volume_loader
 from .data.readers import DataError
 from .data.synthetic import generate_pairs, load_pairs
 from .evaluation import evaluate
@@ -69,6 +70,8 @@ class DataContext:
                 log.info("label-free stage: its label budget is ignored; all %d train images are used unlabelled "
                          "and no mask is read", len(train))
             labeled, unlabeled = [], train
+        elif cfg.labeled_domain not in (None, cfg.domain):  # adaptation: labelled source, the whole target unlabelled
+            labeled, unlabeled = split_labeled(spec.select(cfg.train_split, cfg.labeled_domain), cfg.budget)[0], train
         else:
             labeled, unlabeled = split_labeled(train, cfg.budget)
         if cfg.max_unlabeled is not None and len(unlabeled) > cfg.max_unlabeled:
@@ -106,7 +109,8 @@ def load_for_evaluation(recipe: Recipe, ctx: DataContext, path: str | Path) -> t
     return load_bundle(path)[0]
 
 
-def _streams(strategy: Strategy, ctx: DataContext, batch, stage_name: str, synthetic=None) -> dict[str, Stream]:
+def _streams(strategy: Strategy, ctx: DataContext, batch, stage_name: str, synthetic=None,
+             seed: int = 0) -> dict[str, Stream | MaskStream]:
     streams, options = {}, strategy.stream_options()
     if strategy.needs_labeled:
         extra = {"synthetic": synthetic, "synthetic_ratio": ctx.cfg.synthetic.ratio} if synthetic else {}
@@ -116,11 +120,19 @@ def _streams(strategy: Strategy, ctx: DataContext, batch, stage_name: str, synth
             raise DataError(f"stage '{stage_name}': strategy '{strategy.name}' needs unlabelled data, but the "
                             "label budget leaves no unlabelled case in the train split; lower the budget")
         streams["unlabeled"] = Stream(ctx.unlabeled, batch.unlabeled, with_label=False, **options.get("unlabeled", {}))
+    if strategy.needs_aux_masks:  # unpaired masks, as many per batch as images
+        masks = build_aux_masks(ctx.cfg.aux_masks, ctx.spec, ctx.cfg.image_size, seed)
+        log.info("stage '%s': %d auxiliary masks (%s)", stage_name, len(masks), ctx.cfg.aux_masks.kind)
+        streams["aux_masks"] = MaskStream(masks, batch.unlabeled if strategy.needs_unlabeled else batch.labeled)
     return streams
 
 
 def _load_parts(model: torch.nn.Module, state: dict, parts: list[str], stage: str) -> None:
-    """Load only ``parts`` of ``state`` (a pre-training stage's encoder / decoder blocks); the rest keeps its init."""
+    """Load only ``parts`` of ``state`` (a pre-training stage's encoder / decoder blocks); the rest keeps its init.
+    No parts (a generating stage that trained its own network): nothing passes on."""
+    if not parts:
+        log.info("stage '%s' keeps its own initialisation: the previous stage hands over no weights", stage)
+        return
     try:
         n = load_parts(model, state, parts)
     except ValueError as e:
@@ -168,13 +180,17 @@ def _synthetic_pairs(recipe: Recipe, i: int, ctx: DataContext, out: Path):
 
 def _generate(strategy: Strategy, ctx: DataContext, sdir: Path, seed: int) -> None:
     """Run a data-producing stage's generation for the labelled cases of its budget (resumable)."""
-    train = ctx.spec.select(ctx.cfg.train_split, ctx.cfg.domain)
+    train = ctx.spec.select(ctx.cfg.train_split, ctx.cfg.labeled_domain or ctx.cfg.domain)
     labeled = ctx.store.load(split_labeled(train, ctx.cfg.budget)[0], True)
     strategy.eval()
     m = generate_pairs(strategy.generate, ctx.store, labeled, sdir / "generated",
-                       getattr(strategy.config, "variants", 1), seed, strategy.name)
+                       getattr(strategy.config, "variants", 1), seed, strategy.name, strategy.generates_volumes)
     log.info("stage %s: %d generated pairs from %d labelled cases (%d empty masks skipped) in %s", sdir.name,
              m["variants"] * len(m["cases"]), len(m["cases"]), len(m["skipped_empty"]), sdir / "generated")
+    if ctx.spec.spatial_dims == 2 and not (sdir / "generated" / "preview.png").is_file():
+        from .reporting import generated_pairs
+
+        generated_pairs(sdir / "generated", ctx.store, labeled, sdir / "generated" / "preview.png")
 
 
 def _strategy_state(ckpt_path: Path) -> dict:
@@ -216,7 +232,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         done = sdir / "done.json"
         if not (resume and done.exists()):
             annotation = SliceAnnotation(ctx.cfg.annotation) if ctx.cfg.annotation.kind == "slices" else None
-            streams = _streams(strategy, ctx, stage.batch_size, name, _synthetic_pairs(recipe, i, ctx, out))
+            streams = _streams(strategy, ctx, stage.batch_size, name, _synthetic_pairs(recipe, i, ctx, out),
+                               seed=recipe.seed + i)
             batches = StepBatches(ctx.store, streams, stage.val_every,
                                   seed=recipe.seed + 7919 * i, augment=ctx.cfg.augment, patch_size=ctx.cfg.patch_size,
                                   image_transform=strategy.image_transform(), annotation=annotation,

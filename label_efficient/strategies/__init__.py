@@ -1,4 +1,5 @@
 """Label-efficient training strategies (registry ``STRATEGIES``)."""
+from .augpaint import AugPaint
 from .base import STRATEGIES, LabelLeakError, StepOutput, Strategy, StrategyConfig, build_strategy, register_strategy
 from .bcp import BCP, BCPPretrain
 from .bn_sfda import BNSFDA
@@ -10,6 +11,6 @@ from .mean_teacher import MeanTeacher
 from .supervised import Supervised
 from .upl_sfda import UPLSFDA
 
-__all__ = ["BCP", "BCPPretrain", "BNSFDA", "CUTS", "ContrastiveGlobal", "DeSCO", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
+__all__ = ["AugPaint", "BCP", "BCPPretrain", "BNSFDA", "CUTS", "ContrastiveGlobal", "DeSCO", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
            "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig", "Supervised", "build_strategy",
            "register_strategy"]
