@@ -81,6 +81,10 @@ def run_sweep(cells: Sequence[Cell], out: str | Path) -> list[dict]:
     rows, t0, ran = [], time.perf_counter(), 0
     for k, cell in enumerate(cells):
         folder = out / cell.folder
+        reason = _infeasible(cell)
+        if reason:
+            log.warning("sweep: cell %s skipped: %s", cell.folder, reason)
+            continue
         if not (folder / "metrics.json").is_file():
             run_recipe(cell.recipe, folder, resume=True)
             ran += 1
@@ -94,6 +98,19 @@ def run_sweep(cells: Sequence[Cell], out: str | Path) -> list[dict]:
                      "train_seconds": m.get("train_seconds")})
     write_outputs(rows, out)
     return rows
+
+
+def _infeasible(cell: Cell) -> str | None:
+    """Why a cell cannot run, e.g. a semi-supervised line at budget ``all`` leaves no unlabelled image; else None."""
+    from .runner import DataContext
+    from .strategies import STRATEGIES
+
+    for i, stage in enumerate(cell.recipe.stages):
+        cls = STRATEGIES.get(stage.strategy)
+        if cls.needs_unlabeled and not (cls.source_free or cls.label_free):
+            if not DataContext.build(cell.recipe.stage_data(i), cell.recipe.seed).unlabeled:
+                return f"strategy '{stage.strategy}' needs unlabelled data and budget {cell.budget} leaves none"
+    return None
 
 
 def _curve(rows: list[dict], line: str) -> list[tuple[int, float, float, str]]:

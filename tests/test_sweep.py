@@ -50,3 +50,15 @@ def test_sweep_command_writes_table_curve_and_skips_finished_cells(image_folder,
     stamp = (tmp_path / "sw" / "supervised" / "budget_2" / "seed_3" / "metrics.json").stat().st_mtime
     assert main(args) == 0  # finished cells are not run again
     assert (tmp_path / "sw" / "supervised" / "budget_2" / "seed_3" / "metrics.json").stat().st_mtime == stamp
+
+
+def test_semi_supervised_cell_without_unlabelled_data_is_skipped_not_fatal(image_folder, tmp_path, caplog):
+    from label_efficient.sweep import run_sweep
+
+    r = parse_recipe(tiny_recipe(image_folder, steps=2, val_every=2))
+    cells = grid([r], ["2", "all"], 1, ["supervised", "mean_teacher"])
+    rows = run_sweep(cells, tmp_path / "sw")
+    assert [(row["line"], row["budget"]) for row in rows] == [("supervised", "2"), ("supervised", "all"),
+                                                              ("mean_teacher", "2")]
+    assert "mean_teacher/budget_all/seed_3 skipped" in caplog.text and "leaves none" in caplog.text
+    assert not (tmp_path / "sw" / "mean_teacher" / "budget_all").exists()
