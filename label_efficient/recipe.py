@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .data.annotation import AnnotationConfig
+from .data.aux_masks import AuxMasksConfig
 from .data.budget import LabelBudget
 from .data.synthetic import SyntheticConfig
 from .registry import did_you_mean
@@ -34,6 +35,7 @@ class DataConfig(_Strict):
     budget: LabelBudget = LabelBudget(all=True)
     annotation: AnnotationConfig = AnnotationConfig()  #: dense, or sparse slices of each labelled case (label_mask)
     synthetic: SyntheticConfig | None = None  #: generated pairs added to the labelled stream (data.synthetic)
+    aux_masks: AuxMasksConfig | None = None  #: unpaired masks (shape model or another dataset), see data.aux_masks
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str = "test"
@@ -128,6 +130,7 @@ class Recipe(_Strict):
                 raise ValueError(f"stages.{i}.data: unknown key '{k}'.{did_you_mean(k, DataConfig.model_fields)}")
             self._check_optimizers(i)
             self._check_synthetic(i)
+            self._check_aux_masks(i)
             if self.stage_data(i).annotation.kind != "dense" and not STRATEGIES.get(st.strategy).sparse_labels:
                 takes = [n for n in STRATEGIES if STRATEGIES.get(n).sparse_labels]
                 raise ValueError(f"stages.{i}: strategy '{st.strategy}' does not take sparse labels (data.annotation."
@@ -135,6 +138,20 @@ class Recipe(_Strict):
             if STRATEGIES.get(st.strategy).source_free:
                 self._check_source_free(i)
         return self
+
+    def _check_aux_masks(self, i: int) -> None:
+        from .strategies import STRATEGIES
+
+        st, has = self.stages[i], self.stage_data(i).aux_masks is not None
+        needs = STRATEGIES.get(st.strategy).needs_aux_masks
+        if needs and not has:
+            raise ValueError(f"stages.{i}: strategy '{st.strategy}' learns from unpaired auxiliary masks: set "
+                             "data.aux_masks ({kind: shapes, count: N} or {kind: dataset, dataset: <name>, domain: "
+                             "<d>}), at the top level or in this stage's data")
+        if has and not needs:
+            takes = [n for n in STRATEGIES if STRATEGIES.get(n).needs_aux_masks]
+            raise ValueError(f"stages.{i}: strategy '{st.strategy}' does not use auxiliary masks, but data.aux_masks "
+                             f"is set (set stages.{i}.data.aux_masks: null); strategies that use them: {takes}")
 
     def _check_synthetic(self, i: int) -> None:
         syn = self.stage_data(i).synthetic

@@ -79,6 +79,21 @@ class Stream:
         return vols
 
 
+@dataclass
+class MaskStream:
+    """Unpaired masks only (``data.aux_masks``): batches ``{"label": (B, *S)}``, never an image; drawn independently
+    of the image streams and augmented with the labels' geometry."""
+
+    masks: Sequence[np.ndarray]
+    batch_size: int
+
+    def __post_init__(self):
+        if not self.masks:
+            raise DataError("an empty auxiliary-mask stream cannot be sampled")
+        if self.batch_size < 1:
+            raise DataError(f"batch size must be ≥ 1, got {self.batch_size}")
+
+
 def _mix(*ints: int) -> int:
     return int(np.random.SeedSequence([i % 2**32 for i in ints]).generate_state(1)[0])
 
@@ -102,6 +117,8 @@ class StepBatches(Dataset):
             self.augment = Augment3D(patch_size, enabled=augment)
         else:
             self.augment = Augment2D(enabled=augment)
+        self.mask_streams = {k: s for k, s in self.streams.items() if isinstance(s, MaskStream)}
+        self.streams = {k: s for k, s in self.streams.items() if k not in self.mask_streams}
         for s in self.streams.values():
             s.cases = store.load(s.cases, s.with_label)
         self._volumes = {name: s.volume_slices() for name, s in self.streams.items() if s.partitions}
@@ -147,8 +164,8 @@ class StepBatches(Dataset):
             self._transformed[case.id] = self.image_transform(image)
         return self._transformed[case.id]
 
-    def _index(self, stream_id: int, stream: Stream, position: int) -> int:
-        n = len(stream.cases)
+    def _index(self, stream_id: int, stream: Stream | MaskStream, position: int) -> int:
+        n = len(stream.masks) if isinstance(stream, MaskStream) else len(stream.cases)
         block, offset = divmod(position, n)
         return int(np.random.default_rng(_mix(self.seed, stream_id, block)).permutation(n)[offset])
 
@@ -203,6 +220,14 @@ class StepBatches(Dataset):
                 out[name]["label"] = torch.stack(labels).long()
                 for k in maps[0]:
                     out[name][k] = torch.stack([torch.from_numpy(np.ascontiguousarray(m[k])) for m in maps]).float()
+        for sid, (name, stream) in enumerate(sorted(self.mask_streams.items()), 1000):  # after the image streams
+            labels = []
+            for j in range(stream.batch_size):
+                mask = stream.masks[self._index(sid, stream, step * stream.batch_size + j)]
+                blank = np.zeros((1, *mask.shape), np.float32)  # geometry only: the augmentation needs an image
+                labels.append(torch.from_numpy(np.ascontiguousarray(
+                    self.augment(blank, mask, _mix(self.seed, sid, step, j))[1])))
+            out[name] = {"label": torch.stack(labels).long()}
         return out
 
     @property

@@ -5,12 +5,13 @@ from .bcp import BCP, BCPPretrain
 from .bn_sfda import BNSFDA
 from .contrastive import ContrastiveGlobal, ContrastiveLocal
 from .cuts import CUTS
+from .cyclegan_pl import CycleGANPseudoLabels
 from .desco import DeSCO
 from .dsaif import DSAIF
 from .mean_teacher import MeanTeacher
 from .supervised import Supervised
 from .upl_sfda import UPLSFDA
 
-__all__ = ["AugPaint", "BCP", "BCPPretrain", "BNSFDA", "CUTS", "ContrastiveGlobal", "DeSCO", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
+__all__ = ["AugPaint", "BCP", "BCPPretrain", "BNSFDA", "CUTS", "CycleGANPseudoLabels", "ContrastiveGlobal", "DeSCO", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
            "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig", "Supervised", "build_strategy",
            "register_strategy"]

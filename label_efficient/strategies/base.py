@@ -77,6 +77,10 @@ class Strategy(nn.Module):
     source_free: ClassVar[bool] = False
     #: the strategy honours ``label_mask`` (sparse annotation); the runner refuses sparse labels otherwise
     sparse_labels: ClassVar[bool] = False
+    #: the strategy learns from unpaired auxiliary masks (``data.aux_masks``: a shape model or another dataset's masks);
+    #: the runner adds a stream ``"aux_masks"`` of ``{"label": (B, *S)}`` batches (never an image), sampled
+    #: independently of the image streams; recipes must set ``data.aux_masks`` exactly for such strategies
+    needs_aux_masks: ClassVar[bool] = False
     #: names of the optimizers the strategy steps itself, in order, once each per training step (see the module
     #: docstring); empty: one optimizer, stepped by the loop on the returned loss
     optimizers: ClassVar[tuple[str, ...]] = ()
@@ -147,6 +151,16 @@ class Strategy(nn.Module):
         self._optimizers = dict(optimizers)
         self._backward = backward or torch.Tensor.backward
 
+    def optimizer_idle(self, name: str) -> None:
+        """A step of optimizer ``name`` that changes nothing (every gradient is ``None``, which torch optimizers skip):
+        for a strategy whose phases train only some of its networks, as the loop expects each optimizer stepped once
+        per training step. Its learning-rate schedule still advances."""
+        if name not in self._optimizers:
+            raise RuntimeError(f"optimizer '{name}' of strategy '{self.name}' is not bound: call bind_optimizers()")
+        opt = self._optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        opt.step()
+
     def optimizer_step(self, name: str, loss: torch.Tensor) -> None:
         """zero_grad → backward(loss) → step of optimizer ``name``; a non-finite loss stops before any update."""
         if name not in self._optimizers:
@@ -185,6 +199,10 @@ class Strategy(nn.Module):
         if "label_mask" in batch.get("labeled", {}) and not self.sparse_labels:
             raise ValueError(f"strategy '{self.name}' does not take sparse labels (label_mask); use one that does "
                              f"({', '.join(n for n in STRATEGIES if STRATEGIES.get(n).sparse_labels)})")
+        if self.needs_aux_masks and "aux_masks" not in batch:
+            raise KeyError(f"strategy '{self.name}' needs an 'aux_masks' stream; batch has {sorted(batch)}")
+        if "image" in batch.get("aux_masks", {}):
+            raise LabelLeakError("the auxiliary-mask stream carries an 'image': its masks must stay unpaired")
         if "label" in batch.get("unlabeled", {}):
             raise LabelLeakError("the unlabelled stream carries a 'label': labels must never reach unlabelled data")
         if self.source_free and "labeled" in batch:

@@ -1,0 +1,412 @@
+"""CycleGAN pseudo labels + noise-robust iterative learning (Wang et al., IEEE TMI 2021; spec
+``cyclegan_pseudo_labels.md``). No training image is labelled: the stage sees the unlabelled train images and an
+unpaired stream of auxiliary masks (``data.aux_masks``: a shape model or another dataset's masks).
+
+Stage A, steps [0, ``gan_steps``), one unlabelled image batch x and one unpaired mask batch m (one-hot) per step:
+
+1. m̂ = G_s(x): a U-Net generator; softmax(logits / T) of its head applied to the last decoder features f;
+   **DGCC**: z = μ of D_m's encoder for the first m̂, channel weights c = σ(MLP(z)), m̂ = softmax(head(f·c) / T);
+2. x̂ = G_i(m), the mask-to-image U-Net; the cycles G_i(m̂) ≈ x and G_s(x̂) ≈ m;
+3. generators step: L_G = LSGAN_G(D_x(x̂)) + LSGAN_G(D_m(m̂)) + λ_cyc·(‖G_i(m̂) − x‖₁ + ‖G_s(x̂) − m‖₁) updates
+   G_s, G_i and the DGCC MLP (not D_m, though the DGCC gradient passes through it);
+4. discriminators step, fakes detached and drawn through image pools: L_D = LSGAN_D(D_x; x, x̂) +
+   LSGAN_D(D_m; m, m̂) + L_VAE(m), D_x a PatchGAN, D_m the **VAE discriminator** (encoder → (μ, log σ²), decoder
+   reconstructing the mask from z, real/fake head on μ); L_VAE = Dice (or BCE) reconstruction + β·KL(q(z|m) ‖ N(0, I)).
+
+LSGAN: LSGAN_D = E[(D(real) − 1)²] + E[D(fake)²], LSGAN_G = E[(D(fake) − 1)²].
+
+Stage B, the remaining steps split into ``rounds`` equal rounds; the segmenter S is the recipe's backbone (what
+:meth:`predict` returns). Round r trains S on (x, ŷ_r) with the **noise-weighted Dice**
+L_NWD = 1 − (2Σ w p ŷ + ε) / (Σ w (p + ŷ) + ε) per foreground class, w = 1 − |p̃ − ŷ| (detached), p̃ the EMA of S
+(``weight_from: ema``) or the label source's own soft prediction (``previous``); ``weighting: none`` is plain Dice
+(the ablation). ŷ_1 = argmax of the frozen G_s (with DGCC), ŷ_{r+1} = argmax of the frozen S_r, both cleaned to the
+largest component per class with holes filled. Pseudo labels are computed on the fly for every batch from the
+frozen label source (G_s instance-normed, S_r and the EMA in eval mode): deterministic, and they follow the
+augmentation. Logged per step: ``round``, ``fg_fraction`` (of ŷ, to catch a
+collapsing round), ``label_change`` = 1 − Dice(clean(argmax S), ŷ) (a running mean decides the stop rule).
+
+Departures (reasons): a CPU step budget (``gan_steps``, a few thousand) instead of 200 epochs, its linear decay over
+the last ``1 − gan_decay_from`` of Stage A as the 100 + 100 epochs; batches of several images (throughput); no
+identity loss (image and mask have different channels, so G_i(x) is undefined); G_i has a linear output (intensity
+scale agnostic) instead of tanh; D_m's real/fake head reads μ (deterministic scores), its decoder reconstructs at
+16² then upsamples bilinearly (any image size), KL is averaged over latent units (so β = 1 does not swamp a
+[0, 1] Dice at z = 128); S is fine-tuned from round to round (not re-initialised: one optimizer over the whole
+stage); the stop rule compares S's current labels with ŷ_r by a running mean (0.9) instead of a full pass: when it
+is below ``min_change`` at a round's end, the labels are not refreshed again. One component kept per class (the
+multi-structure pitfall: set ``largest_component: false``). Hole filling runs with scipy on the host.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import BasicUNet
+from pydantic import Field
+from scipy import ndimage
+from torch import nn
+
+from ..transforms.components import largest_component_labels
+from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .ema import ema_update, make_teacher
+
+
+# -- losses ---------------------------------------------------------------------------------------
+def lsgan_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """E[(D(real) − 1)²] + E[D(fake)²]."""
+    return ((real - 1) ** 2).mean() + (fake ** 2).mean()
+
+
+def lsgan_g(fake: torch.Tensor) -> torch.Tensor:
+    """E[(D(fake) − 1)²]."""
+    return ((fake - 1) ** 2).mean()
+
+
+def noise_weighted_dice(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                        smooth: float = 1e-5) -> torch.Tensor:
+    """L_NWD = 1 − (2Σ w p y + ε) / (Σ w (p + y) + ε), batch-summed per foreground class, averaged over classes;
+    ``probs``, ``target`` (one-hot), ``weight``: (N, K, *S)."""
+    dims = [0] + list(range(2, probs.ndim))
+    p, y, w = probs[:, 1:], target[:, 1:].to(probs.dtype), weight[:, 1:].to(probs.dtype)
+    dice = (2 * (w * p * y).sum(dims) + smooth) / ((w * (p + y)).sum(dims) + smooth)
+    return 1 - dice.mean()
+
+
+def label_weights(reference: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """w = 1 − |p̃ − y| ∈ [0, 1], detached (reference p̃ and one-hot y: (N, K, *S))."""
+    return (1 - (reference.detach() - target.to(reference.dtype)).abs()).clamp(0, 1)
+
+
+def dice_overlap(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
+    """Mean foreground Dice of two label maps (1 when both are empty)."""
+    out = []
+    for k in range(1, num_classes):
+        x, y = a == k, b == k
+        s = x.sum() + y.sum()
+        out.append(1.0 if s == 0 else float(2 * (x & y).sum() / s))
+    return float(np.mean(out))
+
+
+# -- pseudo-label cleaning --------------------------------------------------------------------------
+def fill_holes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Fill the holes of each foreground class of a label map (N, *S) (holes of class k become k)."""
+    arr = labels.cpu().numpy()
+    out = arr.copy()
+    for n in range(arr.shape[0]):
+        for k in range(1, num_classes):
+            filled = ndimage.binary_fill_holes(arr[n] == k)
+            out[n][filled & (arr[n] == 0)] = k
+    return torch.from_numpy(out).to(labels.device)
+
+
+def clean_labels(labels: torch.Tensor, num_classes: int, largest: bool = True, holes: bool = True) -> torch.Tensor:
+    """The R post-processing of pseudo labels: keep the largest component per class, then fill holes."""
+    if largest:
+        labels = largest_component_labels(labels, num_classes)
+    return fill_holes(labels, num_classes) if holes else labels
+
+
+# -- networks ---------------------------------------------------------------------------------------
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (CycleGAN's 70×70 design at ``layers`` stride-2 convolutions): a map of real/fake scores."""
+
+    def __init__(self, in_channels: int, width: int = 32, layers: int = 3):
+        super().__init__()
+        mods, c = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)], width
+        for i in range(1, layers + 1):
+            nxt = width * 2 ** min(i, 3)
+            mods += [nn.Conv2d(c, nxt, 4, 2 if i < layers else 1, 1), nn.InstanceNorm2d(nxt, affine=True),
+                     nn.LeakyReLU(0.2, True)]
+            c = nxt
+        mods.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VAEDiscriminator(nn.Module):
+    """D_m: encoder → (μ, log σ²); decoder z → mask logits; real/fake head on μ."""
+
+    def __init__(self, num_classes: int, width: int = 32, latent: int = 128):
+        super().__init__()
+        enc, c = [], num_classes
+        for i in range(3):
+            enc += [nn.Conv2d(c, width * 2 ** i, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+            c = width * 2 ** i
+        self.encoder = nn.Sequential(*enc, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, 2 * latent))
+        self.decoder_in = nn.Linear(latent, c * 16)
+        self.decoder = nn.Sequential(nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.LeakyReLU(0.2, True),
+                                     nn.ConvTranspose2d(c // 2, c // 4, 4, 2, 1), nn.LeakyReLU(0.2, True),
+                                     nn.Conv2d(c // 4, num_classes, 3, 1, 1))
+        self.head = nn.Sequential(nn.Linear(latent, latent), nn.LeakyReLU(0.2, True), nn.Linear(latent, 1))
+        self.channels = c
+
+    def encode(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(m).chunk(2, 1)
+        return mu, logvar.clamp(-10, 10)
+
+    def score(self, m: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encode(m)[0])
+
+    def decode(self, z: torch.Tensor, size) -> torch.Tensor:
+        h = self.decoder(self.decoder_in(z).view(len(z), self.channels, 4, 4))
+        return F.interpolate(h, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def vae_loss(self, m: torch.Tensor, beta: float, recon: str = "dice") -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, KL) of real one-hot masks ``m``; the loss is recon + β·KL (KL averaged over units)."""
+        mu, logvar = self.encode(m)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        logits = self.decode(z, m.shape[2:])
+        if recon == "dice":
+            p, dims = logits.softmax(1), [0, 2, 3]
+            rec = 1 - ((2 * (p * m).sum(dims) + 1e-5) / ((p + m).sum(dims) + 1e-5)).mean()
+        else:
+            rec = F.binary_cross_entropy_with_logits(logits, m)
+        kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).mean()
+        return rec, kl
+
+
+class MaskGenerator(nn.Module):
+    """G_s: a MONAI BasicUNet whose last decoder features are recalibrated by DGCC from D_m's latent code."""
+
+    def __init__(self, in_channels: int, num_classes: int, features, latent: int, temperature: float, dgcc: bool):
+        super().__init__()
+        self.unet = BasicUNet(2, in_channels, num_classes, features=tuple(features))
+        f = features[-1]
+        self.dgcc = nn.Sequential(nn.Linear(latent, f), nn.ReLU(True), nn.Linear(f, f)) if dgcc else None
+        self.temperature = temperature
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        found = {}
+        hook = self.unet.final_conv.register_forward_pre_hook(lambda _m, args: found.__setitem__("f", args[0]))
+        try:
+            self.unet(x)
+        finally:
+            hook.remove()
+        return found["f"]
+
+    def forward(self, x: torch.Tensor, d_m: VAEDiscriminator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m̂ before DGCC, m̂ after DGCC), softmax(logits / T); the same map twice without DGCC."""
+        f = self.features(x)
+        first = (self.unet.final_conv(f) / self.temperature).softmax(1)
+        if self.dgcc is None:
+            return first, first
+        c = torch.sigmoid(self.dgcc(d_m.encode(first)[0]))
+        return first, (self.unet.final_conv(f * c[:, :, None, None]) / self.temperature).softmax(1)
+
+
+class ImagePool(nn.Module):
+    """CycleGAN's history of generated samples (Shrivastava et al.): D sees a mix of new and past fakes; kept in
+    the state dict, so a resumed run continues with the same pool."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.items = size, []
+
+    def forward(self, fakes: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return fakes
+        out = []
+        for f in fakes.detach():
+            if len(self.items) < self.size:
+                self.items.append(f.clone())
+                out.append(f)
+            elif torch.rand(()) < 0.5:
+                k = int(torch.randint(len(self.items), ()))
+                out.append(self.items[k])
+                self.items[k] = f.clone()
+            else:
+                out.append(f)
+        return torch.stack(out)
+
+    def get_extra_state(self):
+        return {"items": torch.stack(self.items) if self.items else torch.zeros(0)}
+
+    def set_extra_state(self, state) -> None:
+        items = state["items"]
+        self.items = list(items.unbind(0)) if items.numel() else []
+
+
+def _in_channels(model: nn.Module) -> int:
+    return next(m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)).in_channels
+
+
+@register_strategy("cyclegan_pseudo_labels")
+class CycleGANPseudoLabels(Strategy):
+    """Stage A: CycleGAN image ↔ unpaired mask (VAE-D, DGCC); Stage B: rounds of noise-weighted Dice on its labels."""
+
+    needs_labeled = False
+    needs_unlabeled = True
+    label_free = True  # no training label: every train image is unlabelled, fixed steps, no validation
+    needs_aux_masks = True
+    optimizers = ("generators", "discriminators", "segmenter")
+
+    class Config(StrategyConfig):
+        gan_steps: int = Field(2000, ge=1)  #: Stage A steps (CG: 200 epochs; CPU budget)
+        gan_decay_from: float = Field(0.5, ge=0, le=1)  #: linear LR decay to 0 after this share of Stage A (CG)
+        lambda_cyc: float = 10.0  #: λ_cyc (CG)
+        pool_size: int = Field(50, ge=0)  #: image pool (CG)
+        temperature: float = Field(0.5, gt=0)  #: softmax temperature of G_s: hard-ish masks (R, pitfall)
+        generator_features: list[int] = [16, 16, 32, 64, 128, 16]  #: BasicUNet widths of G_s and G_i (R)
+        discriminator_width: int = 32  #: first width of D_x and D_m (R)
+        patch_layers: int = 3  #: PatchGAN stride-2 layers (CG)
+        latent: int = 128  #: z of the VAE discriminator (R)
+        vae_beta: float = 1.0  #: β of KL(q(z|m) ‖ N(0, I)) (R)
+        vae_recon: Literal["dice", "bce"] = "dice"  #: reconstruction term of L_VAE (R)
+        dgcc: bool = True  #: discriminator-guided channel recalibration of G_s (A/R)
+        rounds: int = Field(2, ge=1)  #: Stage B rounds (R: 2–3)
+        weighting: Literal["nwd", "none"] = "nwd"  #: noise-weighted Dice, or plain Dice (ablation)
+        weight_from: Literal["ema", "previous"] = "ema"  #: p̃ of w = 1 − |p̃ − ŷ| (R)
+        ema_decay: float = Field(0.99, ge=0, lt=1)  #: EMA of S for p̃ (R)
+        largest_component: bool = True  #: keep the largest component per class (R)
+        fill_holes: bool = True  #: fill holes of the pseudo labels (R)
+        min_change: float = Field(0.01, ge=0)  #: stop re-labelling when the labels change by < this (1 − Dice) (R)
+        smooth: float = 1e-5  #: ε of L_NWD
+
+    def __init__(self, model, num_classes, config=None, **overrides):
+        super().__init__(model, num_classes, config, **overrides)
+        c, in_ch = self.config, _in_channels(model)
+        if len(c.generator_features) != 6:
+            raise ValueError(f"cyclegan_pseudo_labels: generator_features takes 6 BasicUNet widths, got "
+                             f"{c.generator_features}")
+        self.g_s = MaskGenerator(in_ch, num_classes, c.generator_features, c.latent, c.temperature, c.dgcc)
+        self.g_i = BasicUNet(2, num_classes, in_ch, features=tuple(c.generator_features))
+        self.d_x = PatchDiscriminator(in_ch, c.discriminator_width, c.patch_layers)
+        self.d_m = VAEDiscriminator(num_classes, c.discriminator_width, c.latent)
+        self.pool_x, self.pool_m = ImagePool(c.pool_size), ImagePool(c.pool_size)
+        self.teacher = make_teacher(model)  # S_r, frozen: the label source of round r + 1
+        self.ema = make_teacher(model)  # p̃ of the noise weights
+        self.register_buffer("round", torch.zeros((), dtype=torch.long))  # current round (0: Stage A)
+        self.register_buffer("label_round", torch.zeros((), dtype=torch.long))  # 0: labels from G_s, r: from S_r
+        self.register_buffer("change", torch.ones(()))  # running mean of label_change
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))  # re-labelling stopped (min_change)
+
+    def setup(self, total_steps: int) -> None:
+        super().setup(total_steps)
+        if total_steps <= self.config.gan_steps:
+            raise ValueError(f"cyclegan_pseudo_labels: the stage's {total_steps} steps leave none for the segmenter "
+                             f"after config.gan_steps={self.config.gan_steps} CycleGAN steps; raise steps")
+
+    # -- schedule ----------------------------------------------------------------------------------
+    def round_at(self, step: int) -> int:
+        """0 during Stage A, else the Stage B round 1…R."""
+        c = self.config
+        if step < c.gan_steps:
+            return 0
+        return min((step - c.gan_steps) * c.rounds // (self.total_steps - c.gan_steps), c.rounds - 1) + 1
+
+    def gan_lr_factor(self, step: int) -> float:
+        start = self.config.gan_decay_from * self.config.gan_steps
+        return 1.0 if step < start else max(0.0, 1 - (step - start) / max(self.config.gan_steps - start, 1))
+
+    @contextlib.contextmanager
+    def _lr_scaled(self, name: str, factor: float):
+        groups = self._optimizers[name].param_groups
+        before = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = g["lr"] * factor
+        try:
+            yield
+        finally:
+            for g, lr in zip(groups, before):
+                g["lr"] = lr
+
+    # -- Stage A -----------------------------------------------------------------------------------
+    def generator_losses(self, x: torch.Tensor, m: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """({adv, cyc}, x̂ = G_i(m), m̂ = G_s(x)) of the generators step."""
+        _, m_fake = self.g_s(x, self.d_m)
+        x_fake = self.g_i(m)
+        _, m_rec = self.g_s(x_fake, self.d_m)
+        adv = lsgan_g(self.d_x(x_fake)) + lsgan_g(self.d_m.score(m_fake))
+        cyc = F.l1_loss(self.g_i(m_fake), x) + F.l1_loss(m_rec, m)
+        return {"adv": adv, "cyc": cyc}, x_fake, m_fake
+
+    def discriminator_losses(self, x, m, x_fake, m_fake) -> dict:
+        """{d_x, d_m, vae_rec, vae_kl} of the discriminators step; fakes are detached (through the pools)."""
+        c = self.config
+        fx, fm = self.pool_x(x_fake.detach()), self.pool_m(m_fake.detach())
+        rec, kl = self.d_m.vae_loss(m, c.vae_beta, c.vae_recon)
+        return {"d_x": lsgan_d(self.d_x(x), self.d_x(fx)), "d_m": lsgan_d(self.d_m.score(m), self.d_m.score(fm)),
+                "vae_rec": rec, "vae_kl": kl}
+
+    def gan_step(self, x: torch.Tensor, m: torch.Tensor, step: int) -> StepOutput:
+        c, f = self.config, self.gan_lr_factor(step)
+        g, x_fake, m_fake = self.generator_losses(x, m)
+        loss_g = g["adv"] + c.lambda_cyc * g["cyc"]
+        with self._lr_scaled("generators", f):
+            self.optimizer_step("generators", loss_g)
+        d = self.discriminator_losses(x, m, x_fake, m_fake)
+        loss_d = d["d_x"] + d["d_m"] + d["vae_rec"] + c.vae_beta * d["vae_kl"]
+        with self._lr_scaled("discriminators", f):
+            self.optimizer_step("discriminators", loss_d)
+        self.optimizer_idle("segmenter")
+        logs = {"round": 0.0, "gan_lr_factor": f, "fake_mask_fg": float(m_fake[:, 1:].sum(1).mean()),
+                **{f"loss_{k}": float(v) for k, v in {**g, **d}.items()}}
+        return StepOutput(loss_g.detach() + loss_d.detach(), logs)
+
+    # -- Stage B -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def pseudo_labels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ŷ cleaned (N, *S), the source's soft prediction (N, K, *S)) from G_s (round 1) or the frozen S_r."""
+        if int(self.label_round) == 0:
+            probs = self.g_s(x, self.d_m)[1]
+        else:
+            probs = self.teacher.eval()(x).float().softmax(1)
+        c = self.config
+        return clean_labels(probs.argmax(1), self.num_classes, c.largest_component, c.fill_holes), probs
+
+    def _enter_round(self, r: int) -> None:
+        """At a round's first step: S_{r−1} becomes the label source unless the labels stopped changing."""
+        if r == 1:
+            self.ema.load_state_dict(self.model.state_dict())
+        elif not bool(self.frozen):
+            if float(self.change) < self.config.min_change:
+                self.frozen.fill_(True)
+            else:
+                self.teacher.load_state_dict(self.model.state_dict())
+                self.label_round.fill_(r - 1)
+        self.round.fill_(r)
+        self.change.fill_(1.0)
+
+    def segmenter_step(self, x: torch.Tensor, r: int) -> StepOutput:
+        c = self.config
+        if int(self.round) != r:
+            self._enter_round(r)
+        self.optimizer_idle("generators")
+        self.optimizer_idle("discriminators")
+        y, source = self.pseudo_labels(x)
+        onehot = F.one_hot(y, self.num_classes).movedim(-1, 1).float()
+        logits = self.model(x)
+        probs = logits.float().softmax(1)
+        if c.weighting == "none":
+            w = torch.ones_like(onehot)
+        else:
+            with torch.no_grad():
+                ref = self.ema.eval()(x).float().softmax(1) if c.weight_from == "ema" else source
+            w = label_weights(ref, onehot)
+        loss = noise_weighted_dice(probs, onehot, w, c.smooth)
+        self.optimizer_step("segmenter", loss)
+        ema_update(self.ema, self.model, c.ema_decay)
+        mine = clean_labels(logits.detach().argmax(1), self.num_classes, c.largest_component, c.fill_holes)
+        change = 1 - dice_overlap(mine, y, self.num_classes)
+        self.change.mul_(0.9).add_(0.1 * change)
+        logs = {"round": float(r), "label_round": float(self.label_round), "fg_fraction": float((y > 0).float().mean()),
+                "label_change": change, "mean_weight": float(w[:, 1:].mean()), "loss_nwd": float(loss)}
+        return StepOutput(loss.detach(), logs)
+
+    def training_step(self, batch, step):
+        self.check_batch(batch)
+        x = batch["unlabeled"]["image"]
+        r = self.round_at(step)
+        if r == 0:
+            m = F.one_hot(batch["aux_masks"]["label"], self.num_classes).movedim(-1, 1).to(x.dtype)
+            return self.gan_step(x, m, step)
+        return self.segmenter_step(x, r)
+
+    def trainable_parameters(self):
+        return {"generators": [p for p in [*self.g_s.parameters(), *self.g_i.parameters()] if p.requires_grad],
+                "discriminators": [*self.d_x.parameters(), *self.d_m.parameters()],
+                "segmenter": [p for p in self.model.parameters() if p.requires_grad]}
