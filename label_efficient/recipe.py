@@ -30,6 +30,9 @@ class DataConfig(_Strict):
     root: str | None = None  #: data folder; default $LABEL_EFFICIENT_DATA/<folder> or shared/data/<folder>
     options: dict[str, Any] = {}  #: extra arguments of the dataset definition (e.g. num_classes of image_folder)
     domain: str | None = None  #: restrict to one domain (e.g. kvasir)
+    #: domain adaptation: the labelled stream comes from this domain's train split (with the budget) and every train
+    #: image of ``domain`` joins the unlabelled stream, never labelled; val/test stay on ``domain``
+    labeled_domain: str | None = None
     image_size: list[int] | None = None  #: 2D: slices are resized to this size
     patch_size: list[int] | None = None  #: 3D: random training crop and sliding-window size
     budget: LabelBudget = LabelBudget(all=True)
@@ -130,6 +133,11 @@ class Recipe(_Strict):
                 raise ValueError(f"stages.{i}.data: unknown key '{k}'.{did_you_mean(k, DataConfig.model_fields)}")
             self._check_optimizers(i)
             self._check_synthetic(i)
+            sd = self.stage_data(i)
+            if sd.labeled_domain not in (None, sd.domain) and sd.val_split is not None:
+                raise ValueError(f"stages.{i}.data: labelled domain '{sd.labeled_domain}' differs from the evaluated "
+                                 f"domain '{sd.domain}', whose labels must not choose the model: set val_split: null "
+                                 "(the stage keeps its last step)")
             self._check_aux_masks(i)
             if self.stage_data(i).annotation.kind != "dense" and not STRATEGIES.get(st.strategy).sparse_labels:
                 takes = [n for n in STRATEGIES if STRATEGIES.get(n).sparse_labels]

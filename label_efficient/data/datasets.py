@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
+import numpy as np
+
 from ..registry import Registry
 from .readers import IMAGE_SUFFIXES, DataError
 
@@ -45,6 +47,9 @@ class DatasetSpec:
     cases: list[Case]
     format: Literal["image2d", "nifti", "h5"] = "image2d"
     intensity: Literal["unit", "zscore"] = "unit"
+    #: per-case image remap ``(image (C, *S), case) -> image`` after preprocessing (e.g. the simulated scanner
+    #: of ``simulated_shift``); labels are never remapped
+    image_remap: Callable[[np.ndarray, Case], np.ndarray] | None = None
 
     def select(self, split: str | Sequence[str] | None = None, domain: str | None = None) -> list[Case]:
         splits = {split} if isinstance(split, str) else (set(split) if split else None)

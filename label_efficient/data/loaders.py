@@ -39,7 +39,11 @@ class Stream:
     step draws ``volumes`` = m volumes, splits each volume's ordered slices into S equal chunks and takes one random
     slice per chunk (set 1), then draws set 2 the same way: a batch of 2·m·S slices ordered
     [set 1: volume 1 chunks 0…S−1, volume 2 …| set 2 …], each with its ``partition`` index. ``batch_size`` is then
-    2·m·S."""
+    2·m·S.
+
+    With ``slab`` = k (odd; 2D datasets) every drawn slice comes with its k − 1 neighbours in its volume (``index``
+    order, the volume's end slices repeated), stacked on the channel axis: images are ``(k·C, H, W)`` with the drawn
+    slice in the middle, augmented as one image; the label stays the middle slice's (2.5D input)."""
 
     cases: Sequence[Case]
     batch_size: int
@@ -49,6 +53,7 @@ class Stream:
     #: generated (image, label) pairs mixed into a labelled stream: ``round(synthetic_ratio · batch_size)`` per batch
     synthetic: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
     synthetic_ratio: float = 0.0
+    slab: int | None = None
 
     def __post_init__(self):
         if not self.cases:
@@ -59,6 +64,22 @@ class Stream:
             raise DataError(f"batch size must be ≥ 1, got {self.batch_size}")
         if self.synthetic and not self.with_label:
             raise DataError("generated pairs carry labels: they can only join a labelled stream")
+        if self.slab is not None and (self.slab < 1 or self.slab % 2 == 0):
+            raise DataError(f"a slab is an odd number of neighbouring slices (centre ± k), got slab={self.slab}")
+        if self.slab is not None and self.synthetic:
+            raise DataError("generated pairs are single slices: they cannot join a slab stream")
+
+    def slab_neighbours(self) -> list[list[int]]:
+        """For each case, the indices into ``cases`` of its slab (centre ± slab//2, clamped at the volume's ends)."""
+        half, out = self.slab // 2, [[] for _ in self.cases]
+        by_volume: dict[str, list[int]] = {}
+        for i, c in enumerate(self.cases):
+            by_volume.setdefault(c.volume, []).append(i)
+        for ix in by_volume.values():
+            ix = sorted(ix, key=lambda i: self.cases[i].index)
+            for z, i in enumerate(ix):
+                out[i] = [ix[min(max(z + d, 0), len(ix) - 1)] for d in range(-half, half + 1)]
+        return out
 
     @property
     def n_synthetic(self) -> int:
@@ -122,6 +143,9 @@ class StepBatches(Dataset):
         for s in self.streams.values():
             s.cases = store.load(s.cases, s.with_label)
         self._volumes = {name: s.volume_slices() for name, s in self.streams.items() if s.partitions}
+        if spec.spatial_dims == 3 and any(s.slab for s in self.streams.values()):
+            raise DataError(f"dataset '{spec.name}' is 3D: slab streams stack neighbouring 2D slices")
+        self._slabs = {name: s.slab_neighbours() for name, s in self.streams.items() if s.slab}
         labeled = [c for s in self.streams.values() if s.with_label for c in s.cases]
         if any(s.synthetic for s in self.streams.values()) and self._targets_on:
             raise DataError("generated pairs are densely labelled: they cannot be mixed with a sparse annotation or "
@@ -208,7 +232,12 @@ class StepBatches(Dataset):
                     if self._targets_on:
                         extra = dict(self._case_targets(case))
                         label = extra.pop("label")
-                img, lab, extra = self.augment(self._image(case, item.image), label, _mix(self.seed, sid, step, j), extra)
+                image = self._image(case, item.image)
+                if stream.slab:  # the slice's neighbours stacked on the channel axis, augmented as one image
+                    image = np.concatenate([self._image(stream.cases[k], self.store.get(stream.cases[k],
+                                                                                        stream.with_label).image)
+                                            for k in self._slabs[name][index[j]]])
+                img, lab, extra = self.augment(image, label, _mix(self.seed, sid, step, j), extra)
                 images.append(torch.from_numpy(img))
                 if stream.with_label:
                     labels.append(torch.from_numpy(np.ascontiguousarray(lab)))

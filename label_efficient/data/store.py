@@ -86,6 +86,8 @@ class CaseStore:
         if spec.spatial_dims == 2:
             image = resize_image(image, self.image_size)
             label = resize_label(label, self.image_size) if label is not None else None
+        if spec.image_remap is not None:
+            image = spec.image_remap(image, case)
         return Loaded(image, label, original, original_size)
 
     def get(self, case: Case, with_label: bool) -> Loaded:

@@ -36,7 +36,8 @@ class SyntheticConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     from_stage: str | None = None
     path: str | None = None
-    ratio: float = Field(0.5, gt=0, lt=1)  #: share of each labelled batch drawn from generated pairs (AugPaint R: 1:1)
+    #: share of each labelled batch drawn from generated pairs (AugPaint R: 1:1); 1: generated pairs only
+    ratio: float = Field(0.5, gt=0, le=1)
 
 
 def dataset_identity(store: CaseStore) -> dict:
@@ -45,12 +46,41 @@ def dataset_identity(store: CaseStore) -> dict:
             "image_size": list(store.image_size) if store.image_size else None}
 
 
+def _by_volume(cases: Sequence[Case]) -> list[list[Case]]:
+    """2D cases grouped into volumes, slices in order of ``index`` (volumes in order of first appearance)."""
+    groups: dict[str, list[Case]] = {}
+    for c in cases:
+        groups.setdefault(c.volume, []).append(c)
+    return [sorted(g, key=lambda c: c.index) for g in groups.values()]
+
+
+def _generate_volumes(generate, store: CaseStore, cases: Sequence[Case], out: Path, variants: int, seed: int):
+    """Volume-wise generation (``Strategy.generates_volumes``): one call per volume, pairs written per slice."""
+    for k, volume in enumerate(_by_volume(cases)):
+        if all((out / f"{c.id}.npz").is_file() for c in volume):
+            continue
+        t0, items = time.perf_counter(), [store.get(c, True) for c in volume]
+        images = generate(torch.from_numpy(np.stack([it.image for it in items])),
+                          torch.from_numpy(np.stack([it.label for it in items])), variants, seed * 100_003 + k)
+        if tuple(images.shape[:2]) != (variants, len(volume)):
+            raise ValueError(f"generate() returned shape {tuple(images.shape)} for a volume of {len(volume)} slices; "
+                             f"expected ({variants}, {len(volume)}, C, H, W)")
+        for z, (c, it) in enumerate(zip(volume, items)):
+            atomic_save_npz(out / f"{c.id}.npz", {"images": images[:, z].float().numpy(),
+                                                  "label": it.label.astype(np.int64)})
+        log.info("generated volume %d (%d slices, %.1f s; resumable)", k + 1, len(volume), time.perf_counter() - t0)
+
+
 def generate_pairs(generate: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor], store: CaseStore,
-                   cases: Sequence[Case], out: Path, variants: int, seed: int, strategy: str) -> dict:
-    """Generate ``variants`` images per labelled case into ``out`` (resumable), then write the manifest."""
+                   cases: Sequence[Case], out: Path, variants: int, seed: int, strategy: str,
+                   volumes: bool = False) -> dict:
+    """Generate ``variants`` images per labelled case into ``out`` (resumable), then write the manifest;
+    ``volumes``: 2D cases go to ``generate`` a whole volume at a time (see ``Strategy.generates_volumes``)."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
         return json.loads((out / MANIFEST).read_text())
+    if volumes and store.spec.spatial_dims == 2:
+        _generate_volumes(generate, store, cases, out, variants, seed)
     done, skipped, t0, made = [], [], time.perf_counter(), 0
     for k, case in enumerate(cases):
         item = store.get(case, True)
@@ -70,7 +100,7 @@ def generate_pairs(generate: Callable[[torch.Tensor, torch.Tensor, int, int], to
         log.warning("%d labelled case(s) with an empty mask were skipped (no foreground to keep): %s%s",
                     len(skipped), skipped[:5], " …" if len(skipped) > 5 else "")
     manifest = {**dataset_identity(store), "strategy": strategy, "variants": variants, "cases": done,
-                "skipped_empty": skipped}
+                "skipped_empty": skipped, "seconds": round(time.perf_counter() - t0, 1), "generated_now": made}
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 

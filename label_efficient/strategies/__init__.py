@@ -9,9 +9,10 @@ from .cyclegan_pl import CycleGANPseudoLabels
 from .desco import DeSCO
 from .dsaif import DSAIF
 from .mean_teacher import MeanTeacher
+from .sdc_uda import SDCUDASelfTrain, SDCUDATranslate
 from .supervised import Supervised
 from .upl_sfda import UPLSFDA
 
 __all__ = ["AugPaint", "BCP", "BCPPretrain", "BNSFDA", "CUTS", "CycleGANPseudoLabels", "ContrastiveGlobal", "DeSCO", "ContrastiveLocal", "DSAIF", "UPLSFDA", "STRATEGIES",
-           "LabelLeakError", "MeanTeacher", "StepOutput", "Strategy", "StrategyConfig", "Supervised", "build_strategy",
+           "LabelLeakError", "MeanTeacher", "SDCUDASelfTrain", "SDCUDATranslate", "StepOutput", "Strategy", "StrategyConfig", "Supervised", "build_strategy",
            "register_strategy"]

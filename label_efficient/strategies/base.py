@@ -73,6 +73,10 @@ class Strategy(nn.Module):
     #: ``config.variants`` new images per labelled case whose label stays exact; the runner writes them for later
     #: stages (``data.synthetic``, see ``data.synthetic``)
     produces_pairs: ClassVar[bool] = False
+    #: with ``produces_pairs`` on a 2D dataset: ``generate`` receives a whole labelled volume, its slices stacked in
+    #: order, ``(Z, C, H, W)`` with labels ``(Z, H, W)``, and returns ``(n, Z, C, H, W)`` (a 2.5D generator needs the
+    #: neighbouring slices); the pairs are still written per slice
+    generates_volumes: ClassVar[bool] = False
     #: source-free adaptation: receives a trained model and unlabelled target images only, never labels
     source_free: ClassVar[bool] = False
     #: the strategy honours ``label_mask`` (sparse annotation); the runner refuses sparse labels otherwise
