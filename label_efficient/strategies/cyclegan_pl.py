@@ -343,8 +343,8 @@ class CycleGANPseudoLabels(Strategy):
         with self._lr_scaled("discriminators", f):
             self.optimizer_step("discriminators", loss_d)
         self.optimizer_idle("segmenter")
-        logs = {"round": 0.0, "gan_lr_factor": f, "fake_mask_fg": float(m_fake[:, 1:].sum(1).mean()),
-                **{f"loss_{k}": float(v) for k, v in {**g, **d}.items()}}
+        logs = {"round": 0.0, "gan_lr_factor": f, "fake_mask_fg": float(m_fake.detach()[:, 1:].sum(1).mean()),
+                **{f"loss_{k}": float(v.detach()) for k, v in {**g, **d}.items()}}
         return StepOutput(loss_g.detach() + loss_d.detach(), logs)
 
     # -- Stage B -----------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ class CycleGANPseudoLabels(Strategy):
         change = 1 - dice_overlap(mine, y, self.num_classes)
         self.change.mul_(0.9).add_(0.1 * change)
         logs = {"round": float(r), "label_round": float(self.label_round), "fg_fraction": float((y > 0).float().mean()),
-                "label_change": change, "mean_weight": float(w[:, 1:].mean()), "loss_nwd": float(loss)}
+                "label_change": change, "mean_weight": float(w[:, 1:].mean()), "loss_nwd": float(loss.detach())}
         return StepOutput(loss.detach(), logs)
 
     def training_step(self, batch, step):
