@@ -1,0 +1,182 @@
+"""AugPaint on ACDC at 64²: the same supervised U-Net with vs without generated pairs, at 3 and 7 labelled patients,
+seeds 1337 / 1338; generator cost and an image-quality sanity check. Rows to results/augpaint.json.
+
+    python benchmarks/augpaint.py
+
+1. The generator (``recipes/acdc_augpaint_supervised.yaml`` stage 0, CPU-shortened, see ``GENERATOR``) is trained
+   once, label-free on all 1312 train slices, and generates 5 images per labelled slice of ``labeled_7``. It depends
+   on neither the budget nor the downstream seed, so it is trained once; the ``labeled_3`` pairs are those of its 3
+   patients (``labeled_3`` ⊂ ``labeled_7``) from the same generation, in a folder of their own.
+2. Downstream: ``recipes/acdc_augpaint_supervised.yaml`` stage 1 (the ``acdc_quick`` U-Net at 64², AdamW 3e-3 poly,
+   batch 8) for ``DOWNSTREAM_STEPS`` steps, with ``data.synthetic: {path: <generated>, ratio: 0.5}`` or without;
+   one stage each, so both arms start from the same initialisation and draw from the same seeds.
+3. Sanity: foreground max |generated − source| (must be 0), background mean / s.d. of generated vs. source images,
+   and a memorisation check (background MSE to the nearest train slice, generated vs. real); figure in the run folder.
+Every training runs in a single-thread subprocess, resumable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from acdc_cpu import run_recipe_process  # noqa: E402
+
+RESULTS = HERE / "results" / "augpaint.json"
+RUNS = HERE / "runs" / "augpaint"
+SEEDS, BUDGETS = (1337, 1338), ("labeled_3", "labeled_7")
+#: the recipe's generator, shortened to fit the ≤ 45 min benchmark budget on one core (spec: 30–100k steps)
+GENERATOR = {"steps": 1500, "config": {"repaint_steps": 30, "jump_length": 10, "jump_n_sample": 2}}
+DOWNSTREAM_STEPS = 600
+TRAINER = {"precision": "auto", "progress_bar": False, "log_every": 50}
+
+
+def base_recipe() -> dict:
+    return yaml.safe_load((ROOT / "recipes" / "acdc_augpaint_supervised.yaml").read_text())
+
+
+def generator_recipe() -> dict:
+    r = base_recipe()
+    gen = r["stages"][0]
+    gen["steps"] = GENERATOR["steps"]
+    gen["config"].update(GENERATOR["config"])
+    return {**r, "name": "augpaint_generator", "stages": [gen], "trainer": TRAINER}
+
+
+def downstream_recipe(budget: str, seed: int, synthetic: Path | None) -> dict:
+    r = base_recipe()
+    st = r["stages"][1]
+    st.update({"steps": DOWNSTREAM_STEPS, "val_every": 200})
+    st["data"] = {"synthetic": {"path": str(synthetic), "ratio": 0.5}} if synthetic else {}
+    r["data"]["budget"] = {"flag": budget}
+    return {**r, "name": f"augpaint_downstream_{budget}", "seed": seed, "stages": [st], "trainer": TRAINER,
+            "evaluation": {"metrics": ["dice", "hd95"], "overlays": 0}}
+
+
+def subset_folder(src: Path, dst: Path, cases: list[str]) -> Path:
+    """The generated pairs of ``cases`` only (hard links), with a manifest of their own."""
+    if (dst / "manifest.json").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((src / "manifest.json").read_text())
+    keep = [c for c in manifest["cases"] if c in set(cases)]
+    for c in keep:
+        if not (dst / f"{c}.npz").exists():
+            os.link(src / f"{c}.npz", dst / f"{c}.npz")
+    skipped = [c for c in manifest["skipped_empty"] if c in set(cases)]
+    (dst / "manifest.json").write_text(json.dumps({**manifest, "cases": keep, "skipped_empty": skipped,
+                                                   "subset_of": str(src)}))
+    return dst
+
+
+def labelled_ids(budget: str) -> list[str]:
+    from label_efficient.data import build_dataset, split_labeled
+    from label_efficient.data.budget import LabelBudget
+
+    spec = build_dataset("acdc", None)
+    return [c.id for c in split_labeled(spec.select("train"), LabelBudget(flag=budget))[0]]
+
+
+def sanity(folder: Path, figure: Path) -> dict:
+    """Foreground identity, background statistics and nearest-train-slice distances of the generated images."""
+    import torch
+
+    from label_efficient.data import CaseStore, build_dataset
+
+    spec = build_dataset("acdc", None)
+    store = CaseStore(spec, (64, 64))
+    train = spec.select("train")
+    by_id = {c.id: c for c in train}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    fg_diff, gen_bg, src_bg, gen_nn, real_nn = 0.0, [], [], [], []
+    bank = torch.from_numpy(np.stack([store.get(c, False).image[0] for c in train])).flatten(1)  # (1312, 4096)
+    src_index = {c.id: i for i, c in enumerate(train)}
+    for cid in manifest["cases"]:
+        src = store.get(by_id[cid], True)
+        with np.load(folder / f"{cid}.npz") as z:
+            images, label = z["images"], z["label"]
+        fg = label > 0
+        fg_diff = max(fg_diff, float(np.abs(images[:, :, fg] - src.image[:, fg]).max()))
+        src_bg.append(src.image[0][~fg])
+        gen_bg += [img[0][~fg] for img in images]
+        bg = torch.from_numpy((~fg).reshape(-1).astype(np.float32))
+        d = ((torch.from_numpy(images[:, 0].reshape(len(images), -1))[:, None] - bank[None]) ** 2 * bg).sum(-1) / bg.sum()
+        d[:, src_index[cid]] = float("inf")  # the source slice itself shares the foreground, not the background
+        gen_nn += d.min(1).values.tolist()
+        dr = ((bank[src_index[cid]][None] - bank) ** 2 * bg).sum(-1) / bg.sum()
+        dr[src_index[cid]] = float("inf")
+        real_nn.append(float(dr.min()))
+    g, s = np.concatenate(gen_bg), np.concatenate(src_bg)
+    out = {"foreground_max_abs_diff": fg_diff, "pairs": len(gen_nn), "cases": len(manifest["cases"]),
+           "skipped_empty": len(manifest["skipped_empty"]),
+           "background_mean": {"generated": round(float(g.mean()), 4), "real": round(float(s.mean()), 4)},
+           "background_std": {"generated": round(float(g.std()), 4), "real": round(float(s.std()), 4)},
+           "nearest_train_bg_mse": {"generated_median": round(float(np.median(gen_nn)), 5),
+                                    "real_median": round(float(np.median(real_nn)), 5)}}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+    bins = np.linspace(min(g.min(), s.min()), max(g.max(), s.max()), 60)
+    ax[0].hist(s, bins, density=True, alpha=0.6, label="real (source) background")
+    ax[0].hist(g, bins, density=True, alpha=0.6, label="generated background")
+    ax[0].set_title("background intensities", fontsize=8)
+    ax[0].legend(fontsize=7)
+    ax[1].hist([real_nn, gen_nn], 30, density=True, label=["real slice", "generated"])
+    ax[1].set_title("background MSE to the nearest other train slice", fontsize=8)
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figure, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    done = {(r["arm"], r["labeled"], r["seed"]) for r in rows if "arm" in r}
+    gen_run = RUNS / "generator"
+    gm = run_recipe_process(generator_recipe(), gen_run)
+    folder7 = gen_run / "stage0_augpaint" / "generated"
+    manifest = json.loads((folder7 / "manifest.json").read_text())
+    folders = {"labeled_7": folder7,
+               "labeled_3": subset_folder(folder7, RUNS / "generated_labeled_3", labelled_ids("labeled_3"))}
+    images = manifest["variants"] * len(manifest["cases"])
+    generator = {"steps": GENERATOR["steps"], "train_seconds": round(gm["train_seconds"], 1),
+                 "sampling_seconds": manifest["seconds"], "images": images,
+                 "images_per_second": round(images / manifest["seconds"], 3) if manifest.get("generated_now") else None,
+                 "recipe": generator_recipe()["stages"][0], "threads": 1,
+                 "sanity": sanity(folder7, RUNS / "sanity.png"), "preview": str(folder7 / "preview.png")}
+    rows = [r for r in rows if "arm" in r]
+    for budget in BUDGETS:
+        for seed in SEEDS:
+            for arm in ("without", "with_augpaint"):
+                if (arm, budget, seed) in done:
+                    continue
+                syn = folders[budget] if arm == "with_augpaint" else None
+                m = run_recipe_process(downstream_recipe(budget, seed, syn), RUNS / f"{arm}_{budget}_s{seed}")
+                rows.append({"arm": arm, "strategy": "supervised", "labeled": budget, "seed": seed,
+                             "mean_dice": round(m["mean_dice"], 4), "hd95": round(m["mean_hd95"], 2),
+                             "per_class_dice": {k: round(v, 4) for k, v in m["per_class"]["dice"].items()},
+                             "steps": DOWNSTREAM_STEPS, "train_seconds": round(m["train_seconds"], 1), "threads": 1})
+                RESULTS.write_text(json.dumps(rows + [{"generator": generator}], indent=1))
+    RESULTS.write_text(json.dumps(rows + [{"generator": generator}], indent=1))
+    shutil.copy(folder7 / "preview.png", RUNS / "preview.png")
+    for budget in BUDGETS:
+        for arm in ("without", "with_augpaint"):
+            sel = [r for r in rows if r["arm"] == arm and r["labeled"] == budget]
+            print(budget, arm, [r["mean_dice"] for r in sel], [r["hd95"] for r in sel])
+    print(json.dumps(generator, indent=1))
+
+
+if __name__ == "__main__":
+    main()
