@@ -83,9 +83,11 @@ def generated_pairs(folder: Path, store, cases, path: Path, rows: int = 6, cols:
 
     manifest = json.loads((folder / "manifest.json").read_text())
     by_id = {c.id: c for c in cases}
-    picked = [by_id[cid] for cid in manifest["cases"][:rows] if cid in by_id]
+    spread = np.unique(np.linspace(0, len(manifest["cases"]) - 1, rows).round().astype(int)) if manifest["cases"] else []
+    picked = [by_id[manifest["cases"][i]] for i in spread if manifest["cases"][i] in by_id]
     if not picked:
         return
+    cols = min(cols, manifest["variants"])
     fig, axes = plt.subplots(len(picked), cols + 1, figsize=(1.6 * (cols + 1), 1.6 * len(picked)), squeeze=False)
     levels = np.arange(store.spec.num_classes) + 0.5
     for r, case in enumerate(picked):

@@ -144,6 +144,14 @@ def test_generate_then_supervised_runs_end_to_end(image_folder, tmp_path):
     # the generator never saw a mask: its stage ran label-free on every train image
     assert json.loads((out / "stage0_gen" / "done.json").read_text())["best_val_dice"] is None
 
+    # a generation killed before its manifest resumes at the missing cases, with the same images (seeded per case)
+    first = folder / f"{manifest['cases'][0]}.npz"
+    kept = np.load(first)["images"]
+    first.unlink()
+    (folder / "manifest.json").unlink()
+    run_recipe(parse_recipe(raw), out, resume=True)
+    assert np.array_equal(np.load(first)["images"], kept) and (folder / "manifest.json").is_file()
+
     manifest["num_classes"] = 2  # a folder made for another class count is refused, named
     (folder / "manifest.json").write_text(json.dumps(manifest))
     reuse = tiny_recipe(image_folder)
