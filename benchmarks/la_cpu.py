@@ -37,6 +37,10 @@ def recipe(strategy: str, labeled: str) -> dict:
         stages = [{"strategy": "bcp_pretrain", "steps": pre, **common, "config": {"squared_dice": False}},
                   {"strategy": "bcp", "steps": self_steps, "init": "previous_last", **common,
                    "config": {"ema_buffers": False, "squared_dice": False}}]
+    elif strategy == "bcp_from_supervised":  # the teacher is the supervised baseline's model (600 plain steps)
+        stages = [{"strategy": "supervised", "steps": p["steps"], **common},
+                  {"strategy": "bcp", "steps": p["steps"], "init": "previous_last", **common,
+                   "config": {"ema_buffers": False, "squared_dice": False}}]
     else:
         stages = [{"strategy": strategy, "steps": p["steps"], **common}]
     return {"name": f"la_cpu_{strategy}_{labeled}", "seed": p["seed"], "backbone": p["backbone"], "trainer": p["trainer"],
