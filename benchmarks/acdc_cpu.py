@@ -215,7 +215,10 @@ def write_markdown(rows: list[dict]) -> None:
         "# Benchmarks", "",
         "Regenerate: `python benchmarks/acdc_cpu.py --table-only` (this file from the JSON rows; drop `--table-only` "
         "to run rows), `python benchmarks/acdc_contrastive.py`, `python benchmarks/speed.py`. Numbers are from a "
-        "2-core AMD EPYC VM (AVX2, no native bf16, so `precision: auto` runs fp32), one thread per run unless stated.",
+        "2-core AMD EPYC VM (AVX2, no native bf16, so `precision: auto` runs fp32), one thread per run unless stated; "
+        "rows added on 2026-12-01 (the quick sweep, LA rows with `steps` 1200 or `bcp_*` variants, DeSCO, CycleGAN, "
+        "AugPaint, SDC-UDA) ran on a 2-core Intel Xeon VM with AVX-512 BF16, where `precision: auto` picks bf16-mixed, "
+        "several runs sharing the two cores (so their `train s` are not speed measurements).",
         "", "## ACDC-CPU protocol v2 (the official BCP configuration)", "",
         f"ACDC 2D slices resized to {p['data']['image_size'][0]}², `basic_unet` (the SSL4MIS/BCP U-Net: max-pool, "
         "16…256 channels, encoder dropout 0.05…0.5), batch "
@@ -313,6 +316,17 @@ def write_markdown(rows: list[dict]) -> None:
                "on the 8 test volumes. `supervised_sparse`: the same 10 slices only (loss on `label_mask`); "
                "`supervised_dense`: the 5 volumes fully annotated. Same steps for every row.", "",
                desco_table(load_rows(desco)), ""]
+    sweep = HERE / "results" / "sweep_acdc_quick.md"
+    if sweep.exists():
+        md += ["## Label-budget sweep (`label-efficient sweep`, quick recipe)", "",
+               "`label-efficient sweep recipes/acdc_quick.yaml --strategies supervised,mean_teacher --budgets "
+               "1,3,7,14,all --seeds 2 --out runs/quick_sweep` (then copy `sweep.md` and `learning_curve.png` to "
+               "`benchmarks/results/sweep_acdc_quick.*`): the README's 96² MONAI U-Net recipe, 600 AdamW steps, each "
+               "cell selected on 6 val volumes and tested on the 40 test volumes. Budgets are `count: n` patients drawn "
+               "by the seed (not the SSL4MIS `labeled_n` lists); mean teacher at `all` is skipped (no "
+               "unlabelled data left). *Labels saved* interpolates supervised's curve linearly between its budgets "
+               "(7 → 14 → 70 here), so it is coarse where the budgets are far apart.", "", sweep.read_text().strip(), "",
+               "![learning curve](results/sweep_acdc_quick.png)", ""]
     speed_files = sorted((HERE / "results").glob("speed*.json"))
     if speed_files:
         md += ["## Step time against a raw PyTorch loop", "",
