@@ -183,7 +183,8 @@ class AugPaint(Strategy):
         from diffusers import DDIMScheduler
 
         c = self.config
-        sch = DDIMScheduler(num_train_timesteps=c.train_timesteps, beta_schedule=c.beta_schedule, clip_sample=False)
+        # x̂₀ clipped to [−1, 1] (the scheduler's default), as RePaintScheduler does
+        sch = DDIMScheduler(num_train_timesteps=c.train_timesteps, beta_schedule=c.beta_schedule)
         sch.set_timesteps(c.ddim_steps, device=x0.device)
         x = torch.randn(x0.shape, generator=g, device=x0.device)
         steps = sch.timesteps.tolist()
