@@ -108,7 +108,8 @@ def sanity(folder: Path, figure: Path) -> dict:
         src_bg.append(src.image[0][~fg])
         gen_bg += [img[0][~fg] for img in images]
         bg = torch.from_numpy((~fg).reshape(-1).astype(np.float32))
-        d = ((torch.from_numpy(images[:, 0].reshape(len(images), -1))[:, None] - bank[None]) ** 2 * bg).sum(-1) / bg.sum()
+        flat = torch.from_numpy(images[:, 0].reshape(len(images), -1))
+        d = ((flat[:, None] - bank[None]) ** 2 * bg).sum(-1) / bg.sum()
         d[:, src_index[cid]] = float("inf")  # the source slice itself shares the foreground, not the background
         gen_nn += d.min(1).values.tolist()
         dr = ((bank[src_index[cid]][None] - bank) ** 2 * bg).sum(-1) / bg.sum()

@@ -83,8 +83,9 @@ def generated_pairs(folder: Path, store, cases, path: Path, rows: int = 6, cols:
 
     manifest = json.loads((folder / "manifest.json").read_text())
     by_id = {c.id: c for c in cases}
-    spread = np.unique(np.linspace(0, len(manifest["cases"]) - 1, rows).round().astype(int)) if manifest["cases"] else []
-    picked = [by_id[manifest["cases"][i]] for i in spread if manifest["cases"][i] in by_id]
+    ids = manifest["cases"]
+    spread = np.unique(np.linspace(0, len(ids) - 1, rows).round().astype(int)) if ids else []
+    picked = [by_id[ids[i]] for i in spread if ids[i] in by_id]
     if not picked:
         return
     cols = min(cols, manifest["variants"])

@@ -121,7 +121,8 @@ def test_generate_then_supervised_runs_end_to_end(image_folder, tmp_path):
     gen = {"name": "gen", "strategy": "augpaint", "steps": 3, "val_every": 3, "batch_size": {"unlabeled": 4},
            "config": {**TINY, "sampler": "ddim", "variants": 2}, "data": {"augment": False},
            "optimizer": {"name": "adamw", "lr": 1e-3, "schedule": "constant"}}
-    raw["stages"] = [gen, {**raw["stages"][0], "name": "seg", "data": {"synthetic": {"from_stage": "gen", "ratio": 0.5}}}]
+    seg = {**raw["stages"][0], "name": "seg", "data": {"synthetic": {"from_stage": "gen", "ratio": 0.5}}}
+    raw["stages"] = [gen, seg]
     out = tmp_path / "run"
     metrics = run_recipe(parse_recipe(raw), out)
     assert metrics["mean_dice"] is not None  # the segmenting stage was evaluated
