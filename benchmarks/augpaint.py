@@ -10,7 +10,9 @@ seeds 1337 / 1338; generator cost and an image-quality sanity check. Rows to res
 2. Downstream: ``recipes/acdc_augpaint_supervised.yaml`` stage 1 (the ``acdc_quick`` U-Net at 64², AdamW 3e-3 poly,
    batch 8) for ``DOWNSTREAM_STEPS`` steps, with ``data.synthetic: {path: <generated>, ratio: 0.5}`` or without;
    one stage each, so both arms start from the same initialisation and draw from the same seeds.
-3. Sanity: foreground max |generated − source| (must be 0), background mean / s.d. of generated vs. source images,
+3. Control (``with_shuffled_background``): the same foregrounds, masks and pair count, the background a random
+   permutation of the source's own background pixels: does the generated structure matter, or any new background?
+4. Sanity: foreground max |generated − source| (must be 0), background mean / s.d. of generated vs. source images,
    and a memorisation check (background MSE to the nearest train slice, generated vs. real); figure in the run folder.
 Every training runs in a single-thread subprocess, resumable.
 """
@@ -33,6 +35,7 @@ from acdc_cpu import run_recipe_process  # noqa: E402
 RESULTS = HERE / "results" / "augpaint.json"
 RUNS = HERE / "runs" / "augpaint"
 SEEDS, BUDGETS = (1337, 1338), ("labeled_3", "labeled_7")
+ARMS = ("without", "with_augpaint", "with_shuffled_background")
 #: the recipe's generator, shortened to fit the ≤ 45 min benchmark budget on one core (spec: 30–100k steps)
 GENERATOR = {"steps": 1500, "config": {"repaint_steps": 30, "jump_length": 10, "jump_n_sample": 2}}
 DOWNSTREAM_STEPS = 600
@@ -74,6 +77,30 @@ def subset_folder(src: Path, dst: Path, cases: list[str]) -> Path:
     skipped = [c for c in manifest["skipped_empty"] if c in set(cases)]
     (dst / "manifest.json").write_text(json.dumps({**manifest, "cases": keep, "skipped_empty": skipped,
                                                    "subset_of": str(src)}))
+    return dst
+
+
+def shuffled_background_folder(dst: Path, budget: str, variants: int) -> Path:
+    """The control arm: the same foreground and mask, the background a random permutation of the source's own
+    background pixels (its intensity statistics exactly, no structure), written like a generating stage's."""
+    import torch
+
+    from label_efficient.data import CaseStore, build_dataset, split_labeled
+    from label_efficient.data.budget import LabelBudget
+    from label_efficient.data.synthetic import generate_pairs
+
+    def shuffle(image, label, n, seed):
+        g, bg = torch.Generator().manual_seed(seed), label <= 0
+        out = image[None].repeat(n, 1, 1, 1)
+        for k in range(n):
+            px = image[:, bg]
+            out[k][:, bg] = px[:, torch.randperm(px.shape[1], generator=g)]
+        return out
+
+    spec = build_dataset("acdc", None)
+    store = CaseStore(spec, (64, 64))
+    cases = store.load(split_labeled(spec.select("train"), LabelBudget(flag=budget))[0], True)
+    generate_pairs(shuffle, store, cases, dst, variants, 0, "shuffled_background")
     return dst
 
 
@@ -157,13 +184,15 @@ def main() -> None:
                  "images_per_second": round(images / manifest["seconds"], 3) if manifest.get("generated_now") else None,
                  "recipe": generator_recipe()["stages"][0], "threads": 1,
                  "sanity": sanity(folder7, RUNS / "sanity.png"), "preview": str(folder7 / "preview.png")}
+    control = {b: shuffled_background_folder(RUNS / f"shuffled_background_{b}", b, manifest["variants"])
+               for b in BUDGETS}
     rows = [r for r in rows if "arm" in r]
     for budget in BUDGETS:
         for seed in SEEDS:
-            for arm in ("without", "with_augpaint"):
+            for arm in ARMS:
                 if (arm, budget, seed) in done:
                     continue
-                syn = folders[budget] if arm == "with_augpaint" else None
+                syn = {"with_augpaint": folders, "with_shuffled_background": control}.get(arm, {}).get(budget)
                 m = run_recipe_process(downstream_recipe(budget, seed, syn), RUNS / f"{arm}_{budget}_s{seed}")
                 rows.append({"arm": arm, "strategy": "supervised", "labeled": budget, "seed": seed,
                              "mean_dice": round(m["mean_dice"], 4), "hd95": round(m["mean_hd95"], 2),
@@ -173,7 +202,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps(rows + [{"generator": generator}], indent=1))
     shutil.copy(folder7 / "preview.png", RUNS / "preview.png")
     for budget in BUDGETS:
-        for arm in ("without", "with_augpaint"):
+        for arm in ARMS:
             sel = [r for r in rows if r["arm"] == arm and r["labeled"] == budget]
             print(budget, arm, [r["mean_dice"] for r in sel], [r["hd95"] for r in sel])
     print(json.dumps(generator, indent=1))
