@@ -37,10 +37,12 @@ def recipe(strategy: str, labeled: str) -> dict:
         stages = [{"strategy": "bcp_pretrain", "steps": pre, **common, "config": {"squared_dice": False}},
                   {"strategy": "bcp", "steps": self_steps, "init": "previous_last", **common,
                    "config": {"ema_buffers": False, "squared_dice": False}}]
-    elif strategy == "bcp_from_supervised":  # the teacher is the supervised baseline's model (600 plain steps)
+    elif strategy in ("bcp_from_supervised", "bcp_from_supervised_no_lcc"):
+        # the teacher is the supervised baseline's model (600 plain steps); no_lcc: pseudo labels are not cut to their
+        # largest component (a small crop often shows the atrium in several pieces)
+        cfg = {"ema_buffers": False, "squared_dice": False, "largest_component": not strategy.endswith("no_lcc")}
         stages = [{"strategy": "supervised", "steps": p["steps"], **common},
-                  {"strategy": "bcp", "steps": p["steps"], "init": "previous_last", **common,
-                   "config": {"ema_buffers": False, "squared_dice": False}}]
+                  {"strategy": "bcp", "steps": p["steps"], "init": "previous_last", **common, "config": cfg}]
     else:
         stages = [{"strategy": strategy, "steps": p["steps"], **common}]
     return {"name": f"la_cpu_{strategy}_{labeled}", "seed": p["seed"], "backbone": p["backbone"], "trainer": p["trainer"],
