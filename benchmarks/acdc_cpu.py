@@ -316,6 +316,8 @@ def write_markdown(rows: list[dict]) -> None:
                "on the 8 test volumes. `supervised_sparse`: the same 10 slices only (loss on `label_mask`); "
                "`supervised_dense`: the 5 volumes fully annotated. Same steps for every row.", "",
                desco_table(load_rows(desco)), ""]
+    for section in sorted((HERE / "results" / "sections").glob("*.md")):  # benchmarks reported as written sections
+        md += [section.read_text().strip(), ""]
     sweep = HERE / "results" / "sweep_acdc_quick.md"
     if sweep.exists():
         md += ["## Label-budget sweep (`label-efficient sweep`, quick recipe)", "",
