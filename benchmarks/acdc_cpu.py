@@ -303,7 +303,16 @@ def write_markdown(rows: list[dict]) -> None:
                f"checkpoint), random {LP['patch_size']} crops, 3D U-Net {LP['backbone']['kwargs']['channels']}, batch "
                f"{LP['batch_size']['labeled']} + {LP['batch_size']['unlabeled']}, {LP['steps']} steps, sliding-window "
                "test (overlap 0.5); Dice and HD95 in voxels on the 8 test volumes. Not comparable to published LA numbers "
-               "(80 train / 20 test volumes, 15k+ iterations).", "", table(load_rows(la)), ""]
+               "(80 train / 20 test volumes, 15k+ iterations).", "", table(load_rows(la)), "",
+               "Variants (`python benchmarks/la_cpu.py --rows ROW`): `supervised:labeled_4:SEED:1200` (1200 steps); "
+               "`bcp` (150 copy-paste pre-training + 450 self-training steps); `bcp_full_pretrain` (600 + 600); "
+               "`bcp_from_supervised` (600 plain supervised steps as the teacher, then 600 BCP steps); "
+               "`bcp_from_supervised_no_lcc` (the same without largest-component cleaning of pseudo labels). The "
+               "teachers alone score 0.526 (600 copy-paste steps: `label-efficient evaluate <run>/recipe.resolved.yaml "
+               "--model <run>/stage0_bcp_pretrain/last.ckpt --split test`) and 0.634 (600 supervised steps, the first "
+               "row): self-training adds +0.015 to the weaker teacher and removes about 0.06 from the stronger one, with "
+               "or without component cleaning, so on this crop size (80×80×48 of ~200×145×88 volumes; the BCP code "
+               "crops 112×112×80) and schedule BCP stays below supervised with the same steps.", ""]
     desco = HERE / "results" / "la_desco.json"
     if desco.exists():
         from la_desco import table as desco_table
