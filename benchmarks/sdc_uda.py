@@ -117,8 +117,14 @@ def no_identity_recipe() -> dict:
     return r
 
 
+def _steps(r: dict, translate_steps: int) -> dict:
+    r["stages"][0]["steps"] = translate_steps
+    return r
+
+
 ROWS = {"source_only": lambda: supervised_recipe("source"), "sdc_uda": sdc_uda_recipe, "sdc_uda_gan_lr1e-3": fast_gan_recipe,
         "sdc_uda_gan_lr1e-3_no_identity": no_identity_recipe,
+        "sdc_uda_gan_lr1e-3_no_identity_3000": lambda: _steps(no_identity_recipe(), 3000),
         "oracle": lambda: supervised_recipe("target"),
         "ideal_translation_teacher": lambda: ideal_recipe(False),
         "ideal_translation_self_train": lambda: ideal_recipe(True)}
