@@ -105,7 +105,7 @@ class DeSCO(Strategy):
     # -- targets: registration-propagated labels and distance maps, once per labelled case --------
     def target_transform(self):
         c = self.config
-        propagator = SlicePropagator(c.registration, c.morphology, threads=torch.get_num_threads())
+        propagator = SlicePropagator(c.registration, c.morphology)
 
         def targets(image: np.ndarray, label: np.ndarray, label_mask: np.ndarray, case_id: str) -> dict:
             found = annotated_slices(label_mask)

@@ -8,7 +8,6 @@ is kept exactly. ANTsPy (``antspyx``) is the spec's registration library, so no 
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 from scipy import ndimage
@@ -32,11 +31,11 @@ class SlicePropagator:
     """``propagate(image (*S), label (*S), axis, index)`` → dense label (*S) grown from slice ``index`` of ``axis``.
 
     ``transform``: an ANTs ``type_of_transform`` (``SyNRA`` in the DeSCO code); ``morphology``: the opening/closing
-    size (0: none). A registration that fails (e.g. on a blank slice) copies the label unchanged and is counted in
+    size (0: none); ``seed``: ANTs' random seed (registration is then reproducible: one ITK thread). A registration that fails (e.g. on a blank slice) copies the label unchanged and is counted in
     ``failed``."""
 
-    def __init__(self, transform: str = "SyNRA", morphology: int = 5, threads: int = 1):
-        self.transform, self.morphology, self.threads = transform, morphology, threads
+    def __init__(self, transform: str = "SyNRA", morphology: int = 5, seed: int = 0):
+        self.transform, self.morphology, self.seed = transform, morphology, seed
         self.failed = 0
 
     def _step(self, moving_img: np.ndarray, fixed_img: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -60,7 +59,11 @@ class SlicePropagator:
             raise ValueError(f"image {image.shape} and label {label.shape} differ")
         if not 0 <= index < image.shape[axis]:
             raise ValueError(f"annotated slice {index} is outside axis {axis} of size {image.shape[axis]}")
-        os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(self.threads))
+        import ants
+
+        # reproducible registration: ANTs' affine stage samples metric points at random (a fixed --random-seed and
+        # one ITK thread; antspy's switch also reseeds numpy's and random's global generators with the same seed)
+        ants.config.set_ants_deterministic(True, self.seed)
         img, lab = np.moveaxis(image, axis, 0), np.moveaxis(label, axis, 0)
         out = np.zeros_like(lab)
         out[index] = lab[index]
