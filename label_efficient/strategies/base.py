@@ -159,20 +159,21 @@ class Strategy(nn.Module):
         """A step of optimizer ``name`` that changes nothing (every gradient is ``None``, which torch optimizers skip):
         for a strategy whose phases train only some of its networks, as the loop expects each optimizer stepped once
         per training step. Its learning-rate schedule still advances."""
-        if name not in self._optimizers:
-            raise RuntimeError(f"optimizer '{name}' of strategy '{self.name}' is not bound: call bind_optimizers()")
-        opt = self._optimizers[name]
+        opt = self._bound(name)
         opt.zero_grad(set_to_none=True)
         opt.step()
 
-    def optimizer_step(self, name: str, loss: torch.Tensor) -> None:
-        """zero_grad → backward(loss) → step of optimizer ``name``; a non-finite loss stops before any update."""
+    def _bound(self, name: str) -> torch.optim.Optimizer:
         if name not in self._optimizers:
             raise RuntimeError(f"optimizer '{name}' of strategy '{self.name}' is not bound: call bind_optimizers()")
+        return self._optimizers[name]
+
+    def optimizer_step(self, name: str, loss: torch.Tensor) -> None:
+        """zero_grad → backward(loss) → step of optimizer ``name``; a non-finite loss stops before any update."""
+        opt = self._bound(name)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"loss of optimizer '{name}' is {loss.item()} (strategy '{self.name}'); "
                                      "no update was made; the last good checkpoint is kept")
-        opt = self._optimizers[name]
         opt.zero_grad(set_to_none=True)
         self._backward(loss)
         opt.step()
