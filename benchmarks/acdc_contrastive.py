@@ -37,7 +37,7 @@ PROTOCOL = {
     "finetune": {"steps": 400, "val_every": 100, "batch": 12},
 }
 SEEDS = (1337, 1338, 1339)
-DEFAULT_ROWS = [f"{init}:count_{n}:{s}" for n in (1, 2) for s in SEEDS for init in ("pretrained", "random")]
+DEFAULT_ROWS = [f"{init}:count_{n}:{s}" for n in (1, 2, 8) for s in SEEDS for init in ("pretrained", "random")]
 
 
 def pretrain_recipe() -> dict:

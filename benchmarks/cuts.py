@@ -10,6 +10,8 @@ mask is empty) on the same first ``--images`` test images:
 - ``cuts, label-free``: level with the best silhouette, foreground = the centre-prior cluster (no label used);
 - ``cuts, oracle cluster``: the same level, the cluster holding most ground-truth foreground (the paper's scoring);
 - ``cuts, oracle level + cluster``: the paper's "best one" (granularity and cluster chosen with the ground truth);
+- ``cuts persistent, …``: the official code's "persistent" map (one map from the whole hierarchy, no label used),
+  with the centre rule (label-free) and with the oracle cluster;
 - ``otsu`` / ``kmeans-3`` on intensity, with the same label-free centre rule and with the oracle cluster;
 - ``supervised``: `basic_unet` trained on a few labelled train images (``SUPERVISED`` budget) at the same size.
 Each training runs in a single-thread subprocess, resumable.
@@ -102,6 +104,7 @@ def evaluate(name: str, images: int, runs: Path) -> list[dict]:
     from label_efficient.runner import load_bundle
     from label_efficient.strategies import build_strategy
     from label_efficient.strategies.cuts import centre_cluster, oracle_cluster
+    from label_efficient.transforms.condensation import persistent_label
 
     torch.set_num_threads(1)
     d = DATASETS[name]
@@ -120,6 +123,7 @@ def evaluate(name: str, images: int, runs: Path) -> list[dict]:
         image = item.image
         levels, chosen = cuts.segment(torch.from_numpy(image))
         best = max(levels, key=lambda lab: scores(oracle_cluster(lab, truth), truth)[0])
+        persistent = persistent_label(levels)
         gray = image.mean(0)
         with torch.no_grad():
             supervised = sup(torch.from_numpy(image)[None]).argmax(1)[0].numpy() == d["target"]
@@ -127,6 +131,8 @@ def evaluate(name: str, images: int, runs: Path) -> list[dict]:
             "cuts, label-free": centre_cluster(levels[chosen]),
             "cuts, oracle cluster": oracle_cluster(levels[chosen], truth),
             "cuts, oracle level + cluster": oracle_cluster(best, truth),
+            "cuts persistent, label-free": centre_cluster(persistent),
+            "cuts persistent, oracle cluster": oracle_cluster(persistent, truth),
             "otsu, label-free": centre_cluster(otsu(gray)), "otsu, oracle cluster": oracle_cluster(otsu(gray), truth),
             "kmeans-3, label-free": centre_cluster(kmeans(image)),
             "kmeans-3, oracle cluster": oracle_cluster(kmeans(image), truth),

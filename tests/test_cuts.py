@@ -10,7 +10,7 @@ from label_efficient.backbones import build_backbone
 from label_efficient.strategies import build_strategy
 from label_efficient.strategies.cuts import (centre_cluster, nt_xent, oracle_cluster, patch_ssim, patches_at,
                                              sample_pairs)
-from label_efficient.transforms.condensation import diffusion_condensation, silhouette
+from label_efficient.transforms.condensation import diffusion_condensation, persistent_label, silhouette
 
 
 def test_positives_are_near_similar_and_never_the_anchor():
@@ -81,6 +81,25 @@ def test_condensation_recovers_separated_clusters_and_silhouette_picks_them():
     assert purity > 0.97
     best = max((silhouette(x, lab), len(np.unique(lab))) for lab in levels if 2 <= len(np.unique(lab)) <= 10)
     assert best[1] == 3
+
+
+def test_persistent_label_keeps_persistent_large_clusters_and_paints_the_finer_on_top():
+    # 10×10 image, fine → coarse: {bg, ring, square, speck, dot} → {bg, ring ∪ square ∪ speck, dot} → {everything}
+    fine = np.zeros((10, 10), int)
+    fine[2:8, 2:8] = 4  # a ring (20 %) around
+    fine[3:7, 3:7] = 1  # a square (16 %)
+    fine[8, 8] = 2  # a one-pixel speck, one level only
+    fine[0, 9] = 3  # a dot present in two levels but covering 1 % < min_area
+    mid = np.where(np.isin(fine, (1, 2, 4)), 1, fine)  # ring, square and speck merge; the ring holds the first pixel
+    out = persistent_label([fine, mid, np.zeros_like(fine)], min_area=0.02, min_levels=2)
+    # background survives every level (painted first, at 100 %); the ring identity at its largest extent (37 px) on
+    # top; the square lived one level only (it lost its identity in the merge): dropped
+    assert set(np.unique(out)) == {0, 1}
+    assert (out == 1).sum() == 37 and out[8, 8] == 1 and out[0, 9] == 0
+    # without the merge the square persists too and is painted over the larger ring
+    out = persistent_label([fine, fine, np.zeros_like(fine)], min_area=0.1, min_levels=2)
+    assert set(np.unique(out)) == {0, 1, 2}
+    assert (out == 2).sum() == 16 and (out[3:7, 3:7] == 2).all() and (out == 1).sum() == 20
 
 
 def test_segment_finds_a_bright_centred_square_label_free():

@@ -15,7 +15,9 @@ maps from fine to coarse (``transforms.condensation``).
 Choosing a segmentation from the hierarchy. The paper picks the cluster (and, for "best one", the granularity)
 *with the ground truth*; we report that as the oracle and add a label-free rule: the level with the highest
 silhouette among those with 2…``max_clusters`` clusters, and as foreground the cluster covering 1–60 % of the
-image whose pixels lie closest to the image centre on average (a centre prior; our choice, stated as such).
+image whose pixels lie closest to the image centre on average (a centre prior; our choice, stated as such). The
+official code's label-free "persistent" map, one map from the whole hierarchy, is
+``transforms.condensation.persistent_label(levels)``; the centre prior applies to it the same way.
 
 Departures: the anchors are re-drawn at every step (the official sampler re-seeds on each call, fixing them for
 the whole run); the fallback positive is a distinct pixel (the official one aliases the anchor, z_a = z_p);

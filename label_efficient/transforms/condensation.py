@@ -77,3 +77,29 @@ def silhouette(x: torch.Tensor, labels: np.ndarray, max_points: int = 2000) -> f
     b = other.min(1).values
     s = torch.where(own > 1, (b - a) / torch.maximum(a, b).clamp_min(1e-12), torch.zeros_like(a))
     return float(s.mean())
+
+
+def persistent_label(levels: list[np.ndarray], min_area: float = 0.01, min_levels: int = 2) -> np.ndarray:
+    """CUTS' label-free "persistent" map (official ``segmentation.py``): one label map from the whole hierarchy.
+
+    A cluster keeps its identity through a merge when it holds the merged cluster's first pixel (the
+    representative that survives). Per identity: the number of levels it appears in and its largest-area level.
+    Identities covering < ``min_area`` of the image or present in < ``min_levels`` levels are dropped; the rest are
+    painted at their largest extent in order of area, larger first (ties: more persistent first), so finer
+    persistent structures stay visible on top of the coarse ones. Returns labels 0…K−1 in painting order."""
+    n = levels[0].size
+    seen: dict[int, list] = {}  # identity → [levels present, largest area, level of the largest area]
+    for i, lab in enumerate(levels):
+        _, first, counts = np.unique(lab.ravel(), return_index=True, return_counts=True)
+        for cid, area in zip(first.tolist(), counts.tolist()):
+            entry = seen.setdefault(cid, [0, 0, i])
+            entry[0] += 1
+            if area > entry[1]:
+                entry[1], entry[2] = area, i
+    keep = [(area, present, cid, level) for cid, (present, area, level) in seen.items()
+            if area >= min_area * n and present >= min_levels]
+    out = np.zeros(levels[0].shape, dtype=np.int64)
+    for k, (_, _, cid, level) in enumerate(sorted(keep, key=lambda t: (-t[0], -t[1], t[2]))):
+        lab = levels[level].ravel()
+        out.ravel()[lab == lab[cid]] = k
+    return out
