@@ -171,6 +171,15 @@ def test_upl_threshold_leaving_no_pixel_is_finite():
     assert torch.isfinite(out.loss) and out.logs["pl_fraction"] == 0
 
 
+def test_upl_per_class_thresholds():
+    s = UPLSFDA(source_model(), 3, tau=[1.0, 0.0, 1.0], largest_component=False)  # only class 1 can pass
+    s.train()
+    out = s.training_step(target_batch(), 0)
+    assert torch.isfinite(out.loss) and out.logs["pl_fraction"] > 0.99  # p > 0 for class 1 at every pixel
+    with pytest.raises(ValueError, match="2 per-class thresholds for 3 classes"):
+        UPLSFDA(source_model(), 3, tau=[0.9, 0.9])
+
+
 def test_largest_component_mask():
     m = torch.zeros(1, 1, 8, 8)
     m[0, 0, :2, :2] = 1

@@ -2,7 +2,8 @@
 
 The source model's output head is cloned into K heads sharing the rest of the network (feature tap); head k sees the
 input rotated by r_k·90° (r = 1, 2, 3, 0) and its softmax is rotated back. Per target step:
-  1. Pass 1 (no grad): p̄ = mean_k p_k; pseudo label Y_c = 1[p̄_c > τ] for every class c, background included;
+  1. Pass 1 (no grad): p̄ = mean_k p_k; pseudo label Y_c = 1[p̄_c > τ_c] for every class c, background included
+     (one τ for all classes as the paper, or one per class: a small structure rarely reaches the background's 0.95);
      pixels where no class passes τ are ignored; the largest connected component of each Y_c is kept.
   2. Pass 2 (grad): recompute p_k; L_TFS = mean_{k,c} 1 − (2Σ q·Y_c + s)/(ΣY_c + Σq² + s), q = p_kc ⊙ Y_c, s = 1e-4
      (twice-forward supervision: only pixels pseudo-labelled c count for class c).
@@ -39,7 +40,7 @@ def masked_dice_loss(probs: torch.Tensor, pseudo: torch.Tensor, smooth: float = 
 
 class UPLSFDAConfig(StrategyConfig):
     num_heads: int = 4  #: K
-    tau: float = 0.95  #: pseudo-label confidence threshold τ (0.95 M&Ms/FeTA, 0.90 fetal brain)
+    tau: float | list[float] = 0.95  #: threshold τ (C: 0.95 M&Ms/FeTA, 0.90 fetal brain), or one τ_c per class (R)
     entropy_weight: float = 1.0  #: λ
     largest_component: bool = True
     dice_smooth: float = 1e-4
@@ -58,6 +59,11 @@ class UPLSFDA(Strategy):
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
+        tau = self.config.tau
+        if isinstance(tau, list) and len(tau) != num_classes:
+            raise ValueError(f"upl_sfda: tau has {len(tau)} per-class thresholds for {num_classes} classes "
+                             "(background included)")
+        self.register_buffer("tau", torch.tensor(tau, dtype=torch.float32).reshape(-1), persistent=False)
         _, self.heads = split_heads(model, self.config.num_heads)  # self.model now returns the shared decoder features
         self.rotations = default_rotations(self.config.num_heads)
 
@@ -79,7 +85,7 @@ class UPLSFDA(Strategy):
         x = batch["unlabeled"]["image"]
         with torch.no_grad():
             mean = torch.stack(self.head_probs(x)).mean(0)
-            pseudo = (mean > self.config.tau).float()
+            pseudo = (mean > self.tau.reshape(1, -1, *(1,) * (mean.ndim - 2))).float()
             if self.config.largest_component:
                 pseudo = largest_component_mask(pseudo)
         probs = self.head_probs(x)
