@@ -7,6 +7,11 @@ domain, and scored by (a) the Mahalanobis distance to the training features in t
 distance to the k-th nearest training feature after L2 normalisation of the pooled features (deep kNN,
 Sun et al., ICML 2022). The flagging threshold is a quantile of the scores of the training
 domain's validation images (no labels needed).
+
+``flag`` uses the kNN distance by default: across polyp centres (``benchmarks/ood_polyp.py``) it separates the
+other centre's test images from the training centre's better than Mahalanobis (AUROC 0.96 / 0.94 vs. 0.78 / 0.94).
+Neither score predicts which images are segmented badly (AUROC for "image Dice < 0.5" 0.46 / 0.62 vs. 0.41 / 0.58):
+a flag means "unlike the training domain", not "this mask is wrong".
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from .backbones.taps import FeatureTap
 
 SCORES = ("mahalanobis", "knn")
+DEFAULT_SCORE = "knn"
 
 
 @torch.no_grad()
@@ -68,7 +74,9 @@ class OODDetector:
         knn = np.sort(dist, axis=1)[:, int(st["k"]) - 1]
         return {"mahalanobis": maha, "knn": knn}
 
-    def flag(self, scores: dict[str, np.ndarray], by: str = "mahalanobis") -> np.ndarray:
+    def flag(self, scores: dict[str, np.ndarray], by: str = DEFAULT_SCORE) -> np.ndarray:
+        if by not in SCORES:
+            raise ValueError(f"unknown OOD score {by!r}; available: {SCORES}")
         return scores[by] > float(self.state[f"threshold_{by}"])
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 from .data.readers import IMAGE_SUFFIXES, DataError, read_image_2d, read_volume
 from .data.store import resize_image
 from .evaluation import predict_volume
-from .ood import OODDetector, pooled_features
+from .ood import DEFAULT_SCORE, OODDetector, pooled_features
 from .data.loaders import EvalVolume
 from .utils import atomic_write_bytes
 
@@ -64,7 +64,8 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
         atomic_write_bytes(output / "ood_scores.csv", ("\n".join(lines) + "\n").encode())
         flagged = [r[0] for r in ood_rows if r[3]]
         print(f"OOD warning: {len(flagged)} of {len(ood_rows)} image(s) look unlike the training domain "
-              f"(Mahalanobis above the val threshold): {', '.join(flagged[:10])}" if flagged else
+              f"({DEFAULT_SCORE} feature distance above the val threshold; it does not tell which masks are wrong): "
+              f"{', '.join(flagged[:10])}" if flagged else
               f"OOD check: all {len(ood_rows)} image(s) within the training domain's range")
     return n
 

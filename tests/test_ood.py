@@ -2,20 +2,43 @@ import numpy as np
 import torch
 
 from label_efficient.backbones import build_backbone
-from label_efficient.ood import OODDetector, auroc, pooled_features
+from label_efficient.ood import DEFAULT_SCORE, OODDetector, auroc, pooled_features
 
 
 def test_detector_scores_shifted_features_higher():
+    # pooled features of a domain cluster around one (positive) direction; a shifted domain changes that
+    # direction, which the L2-normalised kNN distance sees (a shift along the mean direction it would not)
     rng = np.random.default_rng(0)
-    train = rng.normal(0, 1, (200, 16))
-    val = rng.normal(0, 1, (50, 16))
-    det = OODDetector(n_components=8, k=3).fit(train, val)
-    near, far = det.score(rng.normal(0, 1, (30, 16))), det.score(rng.normal(4, 1, (30, 16)))
+    mu, shift = np.full(16, 3.0), np.r_[np.full(8, 3.0), np.zeros(8)]
+    feats = lambda n, m: m + rng.normal(0, 0.5, (n, 16))  # noqa: E731
+    train = feats(200, mu)
+    det = OODDetector(n_components=8, k=3).fit(train, feats(50, mu))
+    near, far = det.score(feats(30, mu)), det.score(feats(30, mu + shift))
     for s in ("mahalanobis", "knn"):
         assert near[s].mean() < far[s].mean()
-    assert det.flag(far).mean() > 0.9 and det.flag(near).mean() < 0.3
+        assert det.flag(far, by=s).mean() > 0.9 and det.flag(near, by=s).mean() < 0.3
     again = OODDetector.from_state(det.state_dict())
     assert np.allclose(again.score(train[:5])["knn"], det.score(train[:5])["knn"])
+
+
+def test_flag_defaults_to_knn_and_knn_uses_the_kth_neighbour():
+    """The warning's default score is the deep-kNN distance (benchmarks/ood_polyp.py); the k-th neighbour counts."""
+    import inspect
+
+    import pytest
+
+    assert DEFAULT_SCORE == "knn" and inspect.signature(OODDetector.flag).parameters["by"].default == "knn"
+    rng = np.random.default_rng(1)
+    train = rng.normal(0, 1, (40, 8))
+    det = OODDetector(n_components=4, k=1).fit(train, rng.normal(0, 1, (20, 8)))
+    sc = det.score(np.concatenate([train[:3], rng.normal(0, 1, (50, 8))]))
+    assert np.allclose(sc["knn"][:3], 0, atol=1e-3) and (sc["knn"][3:] > 1e-2).all()  # a bank member: distance 0
+    det2 = OODDetector(n_components=4, k=2).fit(train, rng.normal(0, 1, (20, 8)))
+    assert (det2.score(train[:3])["knn"] > 1e-2).all()  # k=2: the nearest *other* bank member
+    mixed = {"knn": np.array([0.0, 9.0]), "mahalanobis": np.array([9.0, 0.0])}
+    assert det.flag(mixed).tolist() == det.flag(mixed, by="knn").tolist() == [False, True]
+    with pytest.raises(ValueError, match="unknown OOD score"):
+        det.flag(mixed, by="entropy")
 
 
 def test_auroc():
