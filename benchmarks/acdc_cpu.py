@@ -294,12 +294,38 @@ def write_markdown(rows: list[dict]) -> None:
                f"{SP['adapt_steps']} steps per method on unlabelled target train images, last checkpoint (no target "
                "labels for selection). Dice/HD95 on the target test split, per image. drop recovered = (adapted − "
                "source-only) / (oracle − source-only).", "", sfda_table(json.loads(sfda.read_text())), ""]
+    shift = HERE / "results" / "sfda_shift.json"
+    if shift.exists():
+        import sfda_shift
+
+        md += ["## Source-free adaptation on simulated scanner shifts (ACDC)", "",
+               "Regenerate: `python benchmarks/sfda_shift.py`. **The shifts are simulated** (dataset `simulated_shift`): "
+               "half of the ACDC patients of every split are re-imaged by a simulated target scanner, `inverted` = gamma "
+               "0.6, contrast inversion, bias field ±30 %, blur σ 1 px (the SDC-UDA benchmark's), `no_inversion` = the "
+               f"same without the inversion. 64², `basic_unet` (BN, encoder dropout), source and oracle "
+               f"{sfda_shift.PROTOCOL['train']['steps']} supervised steps (last step), adaptation "
+               f"{sfda_shift.PROTOCOL['adapt']['steps']} steps on unlabelled target train slices (last step, no target "
+               "label read). Dice mean over RV/MYO/LV on the 20 target test volumes; drop recovered = (adapted − "
+               "source-only) / (oracle − source-only), same seed.", "",
+               sfda_shift.table(json.loads(shift.read_text())), ""]
+    la2 = HERE / "results" / "la_cpu_v2.json"
+    if la2.exists():
+        from la_cpu import PROTOCOL_V2 as LP2
+
+        md += ["## LA 3D, CPU protocol v2 (the BCP LA code's crop and optimizer)", "",
+               f"Regenerate: `python benchmarks/la_cpu.py --protocol v2`. LA subset (16 train / 8 test volumes, no val: "
+               f"last checkpoint), random {LP2['patch_size']} crops (the BCP code's patch), 3D U-Net "
+               f"{LP2['backbone']['kwargs']['channels']} with BN, batch {LP2['batch_size']['labeled']} + "
+               f"{LP2['batch_size']['unlabeled']}, SGD 0.01 momentum 0.9 at a constant rate (the BCP code's), "
+               f"{LP2['steps']} steps (BCP: {LP2['steps'] // 3} copy-paste pre-training + {LP2['steps'] - LP2['steps'] // 3} "
+               "self-training, EMA of parameters only, linear Dice: the LA code's settings), sliding-window test; "
+               "Dice and HD95 in voxels on the 8 test volumes.", "", table(load_rows(la2)), ""]
     la = HERE / "results" / "la_cpu.json"
     if la.exists():
-        from la_cpu import PROTOCOL as LP
+        from la_cpu import PROTOCOL_V1 as LP
 
-        md += ["## LA 3D, short CPU protocol", "",
-               f"Regenerate: `python benchmarks/la_cpu.py`. LA subset (16 train / 8 test volumes, no val: last "
+        md += ["## LA 3D, CPU protocol v1 (superseded by v2)", "",
+               f"Regenerate: `python benchmarks/la_cpu.py --protocol v1`. LA subset (16 train / 8 test volumes, no val: last "
                f"checkpoint), random {LP['patch_size']} crops, 3D U-Net {LP['backbone']['kwargs']['channels']}, batch "
                f"{LP['batch_size']['labeled']} + {LP['batch_size']['unlabeled']}, {LP['steps']} steps, sliding-window "
                "test (overlap 0.5); Dice and HD95 in voxels on the 8 test volumes. Not comparable to published LA numbers "

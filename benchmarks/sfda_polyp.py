@@ -110,14 +110,14 @@ def direction(src: str, tgt: str, runs: Path, jobs: int) -> list[dict]:
     base = runs / tag
     src_dir, oracle_dir = base / "source", base / "oracle"
     with ThreadPoolExecutor(jobs) as pool:
-        fut_src = pool.submit(_run, _recipe(f"{tag}_source", src, [_supervised(PROTOCOL["source_steps"])]), src_dir)
-        fut_orc = pool.submit(_run, _recipe(f"{tag}_oracle", tgt, [_supervised(PROTOCOL["source_steps"])]), oracle_dir)
+        fut_src = pool.submit(run_recipe_process, _recipe(f"{tag}_source", src, [_supervised(PROTOCOL["source_steps"])]), src_dir)
+        fut_orc = pool.submit(run_recipe_process, _recipe(f"{tag}_oracle", tgt, [_supervised(PROTOCOL["source_steps"])]), oracle_dir)
         src_m = fut_src.result()
         model = str(src_dir / "model.pt")
         adapted = {}
         for method, (folder, plan) in METHODS.items():
             stages = [_adapt(st, model if j == 0 else "previous_last", tgt, cfg) for j, (st, cfg) in enumerate(plan)]
-            adapted[method] = pool.submit(_run, _recipe(f"{tag}_{folder}", tgt, stages), base / folder)
+            adapted[method] = pool.submit(run_recipe_process, _recipe(f"{tag}_{folder}", tgt, stages), base / folder)
         oracle_m = fut_orc.result()
         adapted = {k: f.result() for k, f in adapted.items()}
     so = source_only(src_dir, tgt)
