@@ -12,7 +12,9 @@ re-imaged by a simulated "target scanner"; the other half is the labelled source
 Per seed, one source model (``basic_unet``: BN and the SSL4MIS encoder dropout, so UPL's two passes differ; 64²,
 supervised on the source labels, last step) is scored on each scanner's 20 target test volumes (``source_only``) and
 adapted with each method on the unlabelled target train images for a fixed step count (last step: no target label
-chooses anything). ``oracle``: the same training on the target labels. drop recovered = (adapted − source-only) /
+chooses anything). ``sdc_uda`` (``--methods sdc_uda``): SDC-UDA with ``benchmarks/sdc_uda.py``'s schedule on this
+backbone (it uses the labelled source, so it is UDA, not source-free). ``oracle``: the same training on the target
+labels. drop recovered = (adapted − source-only) /
 (oracle − source-only). Dice/HD95 per class, mean over RV/MYO/LV.
 """
 from __future__ import annotations
@@ -45,6 +47,8 @@ METHODS = {
 }
 METHODS["bn_sfda+upl_sfda"] = METHODS["bn_sfda"] + METHODS["upl_sfda"]
 REFERENCES = ("source_only", "oracle")
+#: ``sdc_uda`` (translation → teacher → self-training, ``benchmarks/sdc_uda.py``'s schedule, this backbone) is a row
+#: on request (``--methods sdc_uda``): it reads the labelled source, so it is UDA, not source-free
 
 
 def _data(shift: str, **extra) -> dict:
@@ -93,6 +97,13 @@ def evaluate_on_target(model_path: Path, shift: str, seed: int) -> dict:
 def run(shift: str, method: str, seed: int) -> dict:
     if method == "source_only":
         m, seconds = evaluate_on_target(source_model(seed), shift, seed), None
+    elif method == "sdc_uda":  # unsupervised DA with the source data (not source-free): benchmarks/sdc_uda.py's recipe
+        from sdc_uda import sdc_uda_recipe
+
+        r = sdc_uda_recipe()
+        r["data"]["options"] = _data(shift)["options"]
+        r = {**r, "seed": seed, "backbone": PROTOCOL["backbone"], "evaluation": {"metrics": ["dice", "hd95"], "overlays": 0}}
+        m, seconds = run_recipe_process(r, RUNS / f"{shift}_sdc_uda_s{seed}"), None
     elif method == "oracle":
         m = run_recipe_process(_recipe("sfda_shift_oracle", shift, seed, [_train_stage()]), RUNS / f"{shift}_oracle_s{seed}")
         seconds = None
