@@ -33,3 +33,11 @@ def test_pretrain_then_finetune_notebook_runs(monkeypatch):
     assert "hands over: ['encoder']" in outputs and "hands over: ['encoder', 'decoder:3']" in outputs
     assert "pretrained: mean Dice" in outputs and "random: mean Dice" in outputs
     assert "CUTS:" in outputs and "oracle cluster" in outputs
+
+
+@requires_shared("acdc")
+def test_domain_adaptation_notebook_runs(monkeypatch):
+    outputs = run_notebook("domain_adaptation.ipynb", monkeypatch, DA_SOURCE_STEPS="6", DA_ADAPT_STEPS="3",
+                           DA_SIZE="32", DA_TEST_VOLUMES="1")
+    assert "labelled source slices" in outputs and "on the target scanner" in outputs
+    assert "OOD warning on target test slices" in outputs and "BN-SFDA: mean Dice" in outputs
