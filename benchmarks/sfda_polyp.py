@@ -1,6 +1,7 @@
 """Source-free adaptation across polyp centres (Kvasir-SEG ↔ CVC-ClinicDB): rows to results/sfda_polyp.json.
 
     python benchmarks/sfda_polyp.py [--jobs 2] [--directions kvasir:cvc_clinicdb cvc_clinicdb:kvasir]
+    python benchmarks/sfda_polyp.py --seed 1338 --methods bn_sfda upl_sfda bn_sfda+upl_sfda   # another seed
     python benchmarks/sfda_polyp.py --table-only
 
 Per direction: source model (supervised on source train, selected on source val), source-only on the target
@@ -40,9 +41,9 @@ SHORT = {"kvasir": "kvasir", "cvc_clinicdb": "cvc"}
 REFERENCES = ("source_only", "oracle", "source_on_source_test")
 
 
-def _recipe(name: str, domain: str, stages: list[dict]) -> dict:
+def _recipe(name: str, domain: str, stages: list[dict], seed: int | None = None) -> dict:
     p = PROTOCOL
-    return {"name": name, "seed": p["seed"], "backbone": p["backbone"], "trainer": p["trainer"],
+    return {"name": name, "seed": p["seed"] if seed is None else seed, "backbone": p["backbone"], "trainer": p["trainer"],
             "data": {"dataset": "polyp_kvasir_cvc", "domain": domain, "image_size": p["image_size"],
                      "budget": {"all": True}},
             "evaluation": {"metrics": ["dice", "hd95"], "overlays": 2}, "stages": stages}
@@ -105,26 +106,32 @@ def source_only(source_dir: Path, target: str) -> dict:
     return m
 
 
-def direction(src: str, tgt: str, runs: Path, jobs: int) -> list[dict]:
+def direction(src: str, tgt: str, runs: Path, jobs: int, seed: int = PROTOCOL["seed"],
+              methods: list[str] | None = None) -> list[dict]:
     tag = f"{SHORT[src]}_to_{SHORT[tgt]}"
-    base = runs / tag
+    base = runs / (tag if seed == PROTOCOL["seed"] else f"{tag}_s{seed}")
     src_dir, oracle_dir = base / "source", base / "oracle"
     with ThreadPoolExecutor(jobs) as pool:
-        fut_src = pool.submit(run_recipe_process, _recipe(f"{tag}_source", src, [_supervised(PROTOCOL["source_steps"])]), src_dir)
-        fut_orc = pool.submit(run_recipe_process, _recipe(f"{tag}_oracle", tgt, [_supervised(PROTOCOL["source_steps"])]), oracle_dir)
+        fut_src = pool.submit(run_recipe_process, _recipe(f"{tag}_source", src, [_supervised(PROTOCOL["source_steps"])], seed),
+                              src_dir)
+        fut_orc = pool.submit(run_recipe_process, _recipe(f"{tag}_oracle", tgt, [_supervised(PROTOCOL["source_steps"])], seed),
+                              oracle_dir)
         src_m = fut_src.result()
         model = str(src_dir / "model.pt")
         adapted = {}
         for method, (folder, plan) in METHODS.items():
+            if methods is not None and method not in methods:
+                continue
             stages = [_adapt(st, model if j == 0 else "previous_last", tgt, cfg) for j, (st, cfg) in enumerate(plan)]
-            adapted[method] = pool.submit(run_recipe_process, _recipe(f"{tag}_{folder}", tgt, stages), base / folder)
+            adapted[method] = pool.submit(run_recipe_process, _recipe(f"{tag}_{folder}", tgt, stages, seed),
+                                          base / folder)
         oracle_m = fut_orc.result()
         adapted = {k: f.result() for k, f in adapted.items()}
     so = source_only(src_dir, tgt)
     rows = []
 
     def row(method, m, seconds=None, steps=None, ood=None):
-        rows.append({"direction": f"{src}->{tgt}", "method": method, "mean_dice": round(m["mean_dice"], 4),
+        rows.append({"direction": f"{src}->{tgt}", "seed": seed, "method": method, "mean_dice": round(m["mean_dice"], 4),
                      "hd95": round(m["mean_hd95"], 2), "recovered": None,
                      "sec_per_adapt_step": round(seconds / steps, 4) if seconds else None, "ood_auroc": ood})
 
@@ -134,17 +141,21 @@ def direction(src: str, tgt: str, runs: Path, jobs: int) -> list[dict]:
         secs = sum(s["seconds"] for s in adapt_stages)
         row(method, m, secs, sum(s["steps"] for s in adapt_stages), _ood_auroc(m["cases"]))
     row("oracle", oracle_m, ood=_ood_auroc(oracle_m["cases"]))
-    rows.append({"direction": f"{src}->{tgt}", "method": "source_on_source_test", "mean_dice": round(src_m["mean_dice"], 4),
+    rows.append({"direction": f"{src}->{tgt}", "seed": seed, "method": "source_on_source_test", "mean_dice": round(src_m["mean_dice"], 4),
                  "hd95": round(src_m["mean_hd95"], 2), "recovered": None, "sec_per_adapt_step": None, "ood_auroc": None})
     return with_recovered(rows)
+
+
+def _seed(r: dict) -> int:
+    return r.get("seed", PROTOCOL["seed"])
 
 
 def with_recovered(rows: list[dict]) -> list[dict]:
     """Set "recovered" = (adapted − source-only) / (oracle − source-only); undefined (None) when the oracle does
     not beat source-only, i.e. when there is no domain drop to recover."""
-    by = {(r["direction"], r["method"]): r["mean_dice"] for r in rows}
+    by = {(r["direction"], _seed(r), r["method"]): r["mean_dice"] for r in rows}
     for r in rows:
-        so, orc = by.get((r["direction"], "source_only")), by.get((r["direction"], "oracle"))
+        so, orc = by.get((r["direction"], _seed(r), "source_only")), by.get((r["direction"], _seed(r), "oracle"))
         adapted = r["method"] not in REFERENCES
         ok = adapted and so is not None and orc is not None and orc > so
         r["recovered"] = round((r["mean_dice"] - so) / (orc - so), 4) if ok else None
@@ -152,15 +163,15 @@ def with_recovered(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| direction | method | mean Dice | HD95 (px) | drop recovered | s / adapt step | OOD AUROC (Dice<0.5) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| direction | seed | method | mean Dice | HD95 (px) | drop recovered | s / adapt step | OOD AUROC (Dice<0.5) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rec = f"{100 * r['recovered']:.0f} %" if r["recovered"] is not None else ""
         if r["recovered"] is None and r["method"] not in REFERENCES:
             rec = "n/a (oracle ≤ source-only)"
         sps = f"{r['sec_per_adapt_step']:.3f}" if r["sec_per_adapt_step"] else ""
         ood = f"{r['ood_auroc']:.3f}" if r["ood_auroc"] is not None else ""
-        lines.append(f"| {r['direction']} | {r['method']} | {r['mean_dice']:.4f} | {r['hd95']:.2f} | {rec} | {sps} | {ood} |")
+        lines.append(f"| {r['direction']} | {_seed(r)} | {r['method']} | {r['mean_dice']:.4f} | {r['hd95']:.2f} | {rec} | {sps} | {ood} |")
     return "\n".join(lines)
 
 
@@ -169,14 +180,17 @@ def main() -> None:
     ap.add_argument("--directions", nargs="*", default=["kvasir:cvc_clinicdb", "cvc_clinicdb:kvasir"])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--runs", default=str(HERE / "runs" / "sfda"))
+    ap.add_argument("--seed", type=int, default=PROTOCOL["seed"])
+    ap.add_argument("--methods", nargs="*", default=None, help="adaptation rows to run (default: all of METHODS)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     rows = with_recovered(json.loads(RESULTS.read_text())) if RESULTS.exists() else []
     if not args.table_only:
         for d in args.directions:
             src, tgt = d.split(":")
-            new = direction(src, tgt, Path(args.runs), args.jobs)
-            rows = [r for r in rows if r["direction"] != f"{src}->{tgt}"] + new
+            new = direction(src, tgt, Path(args.runs), args.jobs, args.seed, args.methods)
+            done = {(r["direction"], r["method"]) for r in new}
+            rows = [r for r in rows if _seed(r) != args.seed or (r["direction"], r["method"]) not in done] + new
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
     RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
