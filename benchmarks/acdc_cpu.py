@@ -368,7 +368,7 @@ def write_markdown(rows: list[dict]) -> None:
         md += ["## Label-budget sweep (`label-efficient sweep`, quick recipe)", "",
                "`label-efficient sweep recipes/acdc_quick.yaml --strategies supervised,mean_teacher --budgets "
                "1,3,7,14,all --seeds 2 --out runs/quick_sweep` (then copy `sweep.md` and `learning_curve.png` to "
-               "`benchmarks/results/sweep_acdc_quick.*`): the README's 96² MONAI U-Net recipe, 600 AdamW steps, each "
+               "`benchmarks/results/sweep_acdc_quick.*`): the README's quick recipe as it was then (96² MONAI U-Net 16…128, 600 AdamW steps; since 2026-12-01 it uses basic_unet and SGD), each "
                "cell selected on 6 val volumes and tested on the 40 test volumes. Budgets are `count: n` patients drawn "
                "by the seed (not the SSL4MIS `labeled_n` lists); mean teacher at `all` is skipped (no "
                "unlabelled data left). *Labels saved* interpolates supervised's curve linearly between its budgets "
