@@ -83,13 +83,14 @@ def persistent_label(levels: list[np.ndarray], min_area: float = 0.01, min_level
     """CUTS' label-free "persistent" map (official ``segmentation.py``): one label map from the whole hierarchy.
 
     A cluster keeps its identity through a merge when it holds the merged cluster's first pixel (the
-    representative that survives). Per identity: the number of levels it appears in and its largest-area level.
+    representative that survives). Per identity, over every level but the coarsest (as the official code): the
+    number of levels it appears in and its largest-area level.
     Identities covering < ``min_area`` of the image or present in < ``min_levels`` levels are dropped; the rest are
     painted at their largest extent in order of area, larger first (ties: more persistent first), so finer
     persistent structures stay visible on top of the coarse ones. Returns labels 0…K−1 in painting order."""
     n = levels[0].size
     seen: dict[int, list] = {}  # identity → [levels present, largest area, level of the largest area]
-    for i, lab in enumerate(levels):
+    for i, lab in enumerate(levels[:-1] if len(levels) > 1 else levels):
         _, first, counts = np.unique(lab.ravel(), return_index=True, return_counts=True)
         for cid, area in zip(first.tolist(), counts.tolist()):
             entry = seen.setdefault(cid, [0, 0, i])
