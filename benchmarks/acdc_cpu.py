@@ -216,8 +216,10 @@ def write_markdown(rows: list[dict]) -> None:
         "Regenerate: `python benchmarks/acdc_cpu.py --table-only` (this file from the JSON rows; drop `--table-only` "
         "to run rows), `python benchmarks/acdc_contrastive.py`, `python benchmarks/speed.py`. Numbers are from a "
         "2-core AMD EPYC VM (AVX2, no native bf16, so `precision: auto` runs fp32), one thread per run unless stated; "
-        "rows added on 2026-12-01 (the quick sweep, LA rows with `steps` 1200 or `bcp_*` variants, DeSCO, CycleGAN, "
-        "AugPaint, SDC-UDA) ran on a 2-core Intel Xeon VM with AVX-512 BF16, where `precision: auto` picks bf16-mixed, "
+        "rows added on 2026-12-01 (the quick sweep, LA rows with `steps` 1200 or `bcp_*` variants, LA v2, DeSCO, "
+        "CycleGAN, AugPaint, SDC-UDA, the contrastive and CUTS tables, ACDC v2 rows at `all` and `labeled_3`, the "
+        "simulated-shift SFDA and the OOD tables) ran on a 2-core Intel Xeon VM with AVX-512 BF16, where "
+        "`precision: auto` picks bf16-mixed, "
         "several runs sharing the two cores (so their `train s` are not speed measurements).",
         "", "## ACDC-CPU protocol v2 (the official BCP configuration)", "",
         f"ACDC 2D slices resized to {p['data']['image_size'][0]}², `basic_unet` (the SSL4MIS/BCP U-Net: max-pool, "
