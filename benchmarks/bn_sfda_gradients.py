@@ -41,8 +41,7 @@ def main() -> None:
     gammas = [bn.weight for _, bn in bns]
     l_se = mean_entropy(s.model(x).float().softmax(1))
     g_se = torch.cat([g.abs().flatten() for g in torch.autograd.grad(l_se, gammas)])
-    l_hbs = sum(((1 + s.transferability(n, bn).detach()) * (bn.weight - s._src("weight", n)).abs()).sum() for n, bn in bns)
-    g_hbs = torch.cat([g.abs().flatten() for g in torch.autograd.grad(l_hbs, gammas)])
+    g_hbs = torch.cat([g.abs().flatten() for g in torch.autograd.grad(s.high_order_loss(), gammas)])
     print(f"L_SE {float(l_se):.4f}; median |dL_SE/dγ| {float(g_se.median()):.3g}, median |dL_HBS/dγ| "
           f"{float(g_hbs.median()):.3g} (ratio {float(g_se.median() / g_hbs.median()):.2g}); channels where the "
           f"entropy gradient is larger: {float((g_se > g_hbs).float().mean()):.1%} of {len(g_se)}")

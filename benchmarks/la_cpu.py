@@ -29,8 +29,9 @@ PROTOCOL_V1 = {
     "steps": 600,
     "batch_size": {"labeled": 2, "unlabeled": 2},
     "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001, "schedule": "poly"},
+    "pretrain_share": 4,  #: ``bcp`` pre-trains for steps // pretrain_share, then self-trains for the rest
 }
-PROTOCOL_V2 = {**PROTOCOL_V1, "patch_size": [112, 112, 80], "steps": 1200,
+PROTOCOL_V2 = {**PROTOCOL_V1, "patch_size": [112, 112, 80], "steps": 1200, "pretrain_share": 3,
                "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001, "schedule": "constant"}}
 PROTOCOLS = {"v1": PROTOCOL_V1, "v2": PROTOCOL_V2}
 PROTOCOL = PROTOCOL_V2
@@ -42,8 +43,8 @@ def recipe(strategy: str, labeled: str, p: dict = PROTOCOL) -> dict:
         # bcp: 1/4 of the protocol's steps pre-train, 3/4 self-train (same total as supervised: 600). bcp_full_pretrain:
         # the teacher first trains for the supervised baseline's whole schedule (600), then 600 self-training steps
         # (compare with supervised:labeled_4:1337:1200, the same 1200 steps)
-        share = 4 if p is PROTOCOL_V1 else 3
-        pre, self_steps = (p["steps"] // share, p["steps"] - p["steps"] // share) if strategy == "bcp" else (p["steps"],) * 2
+        pre = p["steps"] // p["pretrain_share"] if strategy == "bcp" else p["steps"]
+        self_steps = p["steps"] - pre if strategy == "bcp" else p["steps"]
         stages = [{"strategy": "bcp_pretrain", "steps": pre, **common, "config": {"squared_dice": False}},
                   {"strategy": "bcp", "steps": self_steps, "init": "previous_last", **common,
                    "config": {"ema_buffers": False, "squared_dice": False}}]

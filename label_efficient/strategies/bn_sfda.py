@@ -86,17 +86,20 @@ class BNSFDA(Strategy):
         inv = 1.0 / (1.0 + d)
         return inv.numel() * inv / inv.sum()
 
+    def high_order_loss(self) -> torch.Tensor:
+        """L_HBS = Σ_l Σ_c (1+α_lc)(|γ^T−γ^S| + |β^T−β^S|), α from the current running statistics (detached)."""
+        return torch.stack([((1.0 + self.transferability(name, bn).detach())
+                             * ((bn.weight - self._src("weight", name)).abs()
+                                + (bn.bias - self._src("bias", name)).abs())).sum()
+                            for name, bn in batchnorm_layers(self.model)]).sum()
+
     def training_step(self, batch, step):
         self.check_batch(batch)
         eta = self.momentum(step)
         for _, bn in batchnorm_layers(self.model):
             bn.momentum = eta
         probs = self.model(batch["unlabeled"]["image"]).float().softmax(1)
-        loss_hbs = probs.new_zeros(())
-        for name, bn in batchnorm_layers(self.model):
-            w = 1.0 + self.transferability(name, bn).detach()
-            loss_hbs = loss_hbs + (w * ((bn.weight - self._src("weight", name)).abs()
-                                        + (bn.bias - self._src("bias", name)).abs())).sum()
+        loss_hbs = self.high_order_loss()
         loss_se = mean_entropy(probs)
         loss = loss_hbs + self.config.entropy_weight * loss_se
         return StepOutput(loss, {"loss_hbs": loss_hbs.detach(), "loss_se": loss_se.detach(), "eta": eta})

@@ -80,7 +80,7 @@ def silhouette(x: torch.Tensor, labels: np.ndarray, max_points: int = 2000) -> f
 
 
 def persistent_label(levels: list[np.ndarray], min_area: float = 0.01, min_levels: int = 2) -> np.ndarray:
-    """CUTS' label-free "persistent" map (official ``segmentation.py``): one label map from the whole hierarchy.
+    """CUTS' label-free "persistent" map (official ``get_persistent_structures``): one map from the whole hierarchy.
 
     A cluster keeps its identity through a merge when it holds the merged cluster's first pixel (the
     representative that survives). Per identity, over every level but the coarsest (as the official code): the
@@ -99,8 +99,8 @@ def persistent_label(levels: list[np.ndarray], min_area: float = 0.01, min_level
                 entry[1], entry[2] = area, i
     keep = [(area, present, cid, level) for cid, (present, area, level) in seen.items()
             if area >= min_area * n and present >= min_levels]
-    out = np.zeros(levels[0].shape, dtype=np.int64)
+    out = np.zeros(n, dtype=np.int64)
     for k, (_, _, cid, level) in enumerate(sorted(keep, key=lambda t: (-t[0], -t[1], t[2]))):
         lab = levels[level].ravel()
-        out.ravel()[lab == lab[cid]] = k
-    return out
+        out[lab == lab[cid]] = k
+    return out.reshape(levels[0].shape)
