@@ -36,29 +36,48 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, Calla
 
 
 @torch.no_grad()
+def volume_logits(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, spatial_dims: int,
+                  roi_size: Sequence[int] | None = None, batch_size: int = 16, overlap: float = 0.5,
+                  device: torch.device | str = "cpu", multiple: int = 1) -> torch.Tensor:
+    """Logits of a volume's ``image`` at network resolution: (Z, C, H, W) slice by slice in 2D, (1, C, D, H, W)
+    by MONAI's Gaussian-weighted sliding window in 3D."""
+    if spatial_dims == 3:
+        from monai.inferers import sliding_window_inference
+
+        if roi_size is None:
+            raise ValueError("3D evaluation needs roi_size (the training patch size)")
+        return sliding_window_inference(image.to(device), tuple(roi_size), batch_size, predict, overlap=overlap,
+                                        mode="gaussian", padding_mode="constant").float().cpu()
+    out = []
+    for z0 in range(0, image.shape[0], batch_size):
+        x, unpad = pad_to_multiple(image[z0 : z0 + batch_size].to(device), multiple)
+        out.append(unpad(predict(x)).float().cpu())
+    return torch.cat(out)
+
+
 def predict_volume(predict: Callable[[torch.Tensor], torch.Tensor], volume: EvalVolume, spatial_dims: int,
                    roi_size: Sequence[int] | None = None, batch_size: int = 16, overlap: float = 0.5,
                    device: torch.device | str = "cpu", multiple: int = 1) -> np.ndarray:
     """Label map of one volume at the resolution of its ground truth."""
+    logits = volume_logits(predict, volume.image, spatial_dims, roi_size, batch_size, overlap, device, multiple)
     if spatial_dims == 3:
-        from monai.inferers import sliding_window_inference
-
-        x = volume.image.to(device)
-        if roi_size is None:
-            raise ValueError("3D evaluation needs roi_size (the training patch size)")
-        logits = sliding_window_inference(x, tuple(roi_size), batch_size, predict, overlap=overlap, mode="gaussian",
-                                          padding_mode="constant")
-        return logits.argmax(1)[0].cpu().numpy()
-    out = []
-    for z0 in range(0, volume.image.shape[0], batch_size):
-        x, unpad = pad_to_multiple(volume.image[z0 : z0 + batch_size].to(device), multiple)
-        logits = unpad(predict(x)).float()
-        out.append(logits.cpu())
-    logits = torch.cat(out)
-    size = volume.size
-    if tuple(logits.shape[2:]) != tuple(size):
-        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return logits.argmax(1)[0].numpy()
+    if tuple(logits.shape[2:]) != tuple(volume.size):
+        logits = F.interpolate(logits, size=tuple(volume.size), mode="bilinear", align_corners=False)
     return logits.argmax(1).numpy()
+
+
+def flip_consistency(predict: Callable[[torch.Tensor], torch.Tensor], volume: EvalVolume, spatial_dims: int,
+                     **kwargs) -> float:
+    """Label-free model-selection score of one volume: soft Dice, averaged over the foreground classes, between
+    the class probabilities of the image and those of its left-right mirror image mirrored back. No mask is read.
+    A prediction that flips with the image scores 1; a collapsed one (no class above a few per cent anywhere)
+    scores near 0, because soft Dice of two small probability maps is small."""
+    p = volume_logits(predict, volume.image, spatial_dims, **kwargs).softmax(1)
+    q = volume_logits(predict, volume.image.flip(-1), spatial_dims, **kwargs).softmax(1).flip(-1)
+    dims = [0] + list(range(2, p.ndim))
+    inter, total = (p * q).sum(dims)[1:], (p + q).sum(dims)[1:]
+    return float((2 * inter / total.clamp_min(1e-8)).mean())
 
 
 def _surface_distances(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

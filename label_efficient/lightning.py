@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from .data.loaders import EvalVolume
-from .evaluation import case_metrics, predict_volume
+from .evaluation import case_metrics, flip_consistency, predict_volume
 from .recipe import OptimizerConfig
 from .strategies.base import NonFiniteLossError, Strategy
 from .utils import atomic_torch_save, atomic_write_text, seed_everything
@@ -94,7 +94,8 @@ def build_optimizers(strategy: Strategy, cfg: OptimizerConfig | dict[str, Optimi
 
 class StrategyModule(pl.LightningModule):
     """Runs ``strategy.training_step`` each step, its hooks after the optimizer step and at epoch end,
-    and scores validation volumes (per-volume Dice) for model selection.
+    and scores validation volumes for model selection: per-volume Dice (``val/mean_dice``) on labelled volumes, or
+    :func:`~label_efficient.evaluation.flip_consistency` (``val/label_free``) on volumes loaded without masks.
 
     A strategy with named ``optimizers`` runs under Lightning's manual optimisation: it steps each optimizer once per
     step through :meth:`Strategy.optimizer_step` (with ``manual_backward``), so Lightning's ``global_step`` advances
@@ -113,7 +114,7 @@ class StrategyModule(pl.LightningModule):
         self.roi_size = roi_size
         self.overlap = overlap
         self.meta = meta or {}
-        self._val_dice: list[float] = []
+        self._val_scores: dict[str, list[float]] = {}
         self._seconds_before = 0.0  # time spent by earlier, interrupted runs of this stage (from the checkpoint)
         self._fit_start: float | None = None
         strategy.setup(total_steps)
@@ -188,15 +189,19 @@ class StrategyModule(pl.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def validation_step(self, volume, batch_idx):
-        pred = predict_volume(self.strategy.predict, volume, self.spatial_dims, roi_size=self.roi_size,
-                              device=self.device, overlap=self.overlap)
+        kw = {"roi_size": self.roi_size, "device": self.device, "overlap": self.overlap}
+        if volume.label is None:  # loaded without its mask: the label-free score
+            self._val_scores.setdefault("val/label_free", []).append(
+                flip_consistency(self.strategy.predict, volume, self.spatial_dims, **kw))
+            return
+        pred = predict_volume(self.strategy.predict, volume, self.spatial_dims, **kw)
         dice = case_metrics(pred, volume.label, self.strategy.num_classes, ["dice"])["dice"]
-        self._val_dice.append(float(np.mean(list(dice.values()))))
+        self._val_scores.setdefault("val/mean_dice", []).append(float(np.mean(list(dice.values()))))
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_dice:
-            self.log("val/mean_dice", float(np.mean(self._val_dice)), prog_bar=True, sync_dist=True)
-        self._val_dice.clear()
+        for key, values in self._val_scores.items():
+            self.log(key, float(np.mean(values)), prog_bar=True, sync_dist=True)
+        self._val_scores.clear()
 
     def configure_optimizers(self):
         pairs = build_optimizers(self.strategy, self.optimizer_cfg, self.total_steps)

@@ -86,6 +86,10 @@ class StageConfig(_Strict):
     optimizers: dict[str, dict[str, Any]] = {}
     init: str = "previous_best"  #: previous_best | previous_last | none | path to a checkpoint or model.pt
     data: dict[str, Any] = {}  #: overrides of the top-level data section for this stage
+    #: which checkpoint is this stage's ``best``: ``val_dice`` (labelled val volumes), ``label_free`` (flip
+    #: consistency on the val images, no mask read: an unsupervised stopping rule), ``last``; ``auto`` =
+    #: ``val_dice`` for a strategy that trains on labels, else ``last``
+    select: Literal["auto", "val_dice", "label_free", "last"] = "auto"
 
 
 class TrainerConfig(_Strict):

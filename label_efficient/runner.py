@@ -79,11 +79,11 @@ class DataContext:
             unlabeled = [unlabeled[i] for i in sorted(keep)]
         return cls(cfg, spec, store, labeled, unlabeled)
 
-    def volumes(self, split: str | None, limit: int | None):
+    def volumes(self, split: str | None, limit: int | None, with_label: bool = True):
         if not split:
             return []
         cases = self.spec.select(split, self.cfg.domain)
-        vols = eval_volumes(self.store, cases)
+        vols = eval_volumes(self.store, cases, with_label)
         return vols[:limit] if limit else vols
 
     @property
@@ -239,14 +239,21 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                                   image_transform=strategy.image_transform(), annotation=annotation,
                                   target_transform=strategy.target_transform(), target_cache=sdir / "targets")
             per_step = module.optimizer_steps_per_step  # Lightning counts optimizer steps
-            val = ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases) if strategy_cls.needs_labeled else []
+            select = stage.select if stage.select != "auto" else ("val_dice" if strategy_cls.needs_labeled else "last")
+            val = [] if select == "last" else ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases,
+                                                         with_label=select == "val_dice")
+            if select == "val_dice" and not strategy_cls.needs_labeled:
+                log.warning("stage %s: '%s' trains without labels but selects its checkpoint on labelled %s "
+                            "volumes (an upper bound, not a label-free protocol)", name, stage.strategy,
+                            ctx.cfg.val_split)
+            monitor = "val/mean_dice" if select == "val_dice" else "val/label_free"
             # last.ckpt is written at the end of every epoch's validation (or every epoch's last step without
             # val): Lightning's own save_last refreshes it only when a new best is saved, and a checkpoint taken
             # in on_train_epoch_end does not resume bit-identically.
             last_ckpt = ModelCheckpoint(dirpath=sdir, filename="last", monitor=None, save_top_k=1,
                                         enable_version_counter=False, save_on_train_epoch_end=False,
                                         **({} if val else {"every_n_train_steps": stage.val_every * per_step}))
-            ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor="val/mean_dice", mode="max", save_top_k=1,
+            ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor=monitor, mode="max", save_top_k=1,
                                    enable_version_counter=False, save_on_train_epoch_end=False) if val else None
             last = sdir / "last.ckpt"
             resume_from = last if resume and last.exists() else None
@@ -271,7 +278,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                 trainer.save_checkpoint(last)
             best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
             score = ckpt.best_model_score if val else None
-            info = {"best": best_path.name, "best_val_dice": float(score) if score is not None else None,
+            info = {"best": best_path.name, "select": select, "best_score": float(score) if score is not None else None,
                     "seconds": module.train_seconds, "steps": stage.steps}
             if rank0:
                 atomic_write_json(done, info)

@@ -143,7 +143,7 @@ def test_generate_then_supervised_runs_end_to_end(image_folder, tmp_path):
             fg = src.label > 0
             assert all(np.array_equal(img[:, fg], src.image[:, fg]) for img in z["images"])
     # the generator never saw a mask: its stage ran label-free on every train image
-    assert json.loads((out / "stage0_gen" / "done.json").read_text())["best_val_dice"] is None
+    assert json.loads((out / "stage0_gen" / "done.json").read_text())["best_score"] is None
 
     # a generation killed before its manifest resumes at the missing cases, with the same images (seeded per case)
     first = folder / f"{manifest['cases'][0]}.npz"

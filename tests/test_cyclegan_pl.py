@@ -232,7 +232,7 @@ def test_recipe_runs_end_to_end_without_training_labels(tmp_path):
     assert rounds == {0.0, 1.0, 2.0}
     assert any(r.get("train/fg_fraction") for r in rows)
     done = json.loads(next((tmp_path / "out").glob("stage0_*/done.json")).read_text())
-    assert done["best_val_dice"] is None and done["steps"] == 10  # label-free stage: no validation
+    assert done["best_score"] is None and done["steps"] == 10  # label-free stage: no validation
 
 
 def test_plain_loop_with_bind_optimizers():

@@ -54,3 +54,27 @@ def test_hd95_matches_monai_on_a_simple_case():
     ref = float(compute_hausdorff_distance(torch.from_numpy(pred)[None, None].float(),
                                            torch.from_numpy(gt)[None, None].float(), percentile=95)[0, 0])
     assert ours == pytest.approx(ref, abs=1.01)  # medpy pools both directions; MONAI takes the max of the two
+
+
+def test_flip_consistency_rewards_equivariance_and_punishes_collapse():
+    from label_efficient.data.loaders import EvalVolume
+    from label_efficient.evaluation import flip_consistency
+
+    image = torch.zeros(2, 1, 8, 8)
+    image[:, :, 2:5, 1:4] = 1.0  # an off-centre square
+    vol = EvalVolume("v", image, None, [], (8, 8))
+
+    def follows_image(x):  # foreground exactly where the image is bright: mirrors with it
+        return torch.cat([10 - 20 * x, 20 * x - 10], 1)
+
+    def fixed_left_half(x):  # ignores the image: foreground on the left half always
+        fg = torch.full_like(x, -10.0)
+        fg[..., :4] = 10.0
+        return torch.cat([-fg, fg], 1)
+
+    def collapsed(x):  # background everywhere
+        return torch.cat([torch.full_like(x, 10.0), torch.zeros_like(x)], 1)
+
+    assert flip_consistency(follows_image, vol, 2) == pytest.approx(1.0, abs=1e-3)
+    assert flip_consistency(fixed_left_half, vol, 2) < 0.01  # its mirrored prediction lands on the other half
+    assert flip_consistency(collapsed, vol, 2) < 0.01

@@ -25,7 +25,7 @@ def test_run_writes_outputs(image_folder, tmp_path):
     assert set(saved["cases"]) == {"case13", "case14", "case15"}
     assert set(saved["cases"]["case13"]["dice"]) == {"class1", "class2"}
     assert len(list((out / "overlays").glob("*.png"))) == 1
-    assert m["stages"][0]["best_val_dice"] is not None
+    assert m["stages"][0]["best_score"] is not None
     with pytest.raises(FileExistsError, match="--resume"):
         run_recipe(parse_recipe(tiny_recipe(image_folder)), out)
 
@@ -45,7 +45,7 @@ def test_3d_run_end_to_end(tmp_path, strategy):
     m = run_recipe(parse_recipe(tiny_recipe_3d(root, strategy=strategy, steps=4, val_every=2)), out)
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["cases"]) == {"v08", "v09"} and set(saved["cases"]["v08"]["dice"]) == {"class1"}
-    assert 0 <= saved["mean_dice"] <= 1 and m["stages"][0]["best_val_dice"] is not None
+    assert 0 <= saved["mean_dice"] <= 1 and m["stages"][0]["best_score"] is not None
     assert load_bundle(out / "model.pt")[0](torch.rand(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
 
 

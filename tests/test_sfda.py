@@ -213,8 +213,26 @@ def test_workflow_is_source_free(tmp_path, monkeypatch, adapt):
     assert streams[1] == {"unlabeled": ["b"] * 8}  # stage 2: unlabelled target train images only
     target_train_masks = {f"b{i:02d}.png" for i in range(8)}
     assert not [r for r in reads if r.rsplit("/", 1)[-1] in target_train_masks]
-    assert m["stages"][1]["best_val_dice"] is None  # no selection on target labels
+    assert m["stages"][1]["best_score"] is None  # no selection on target labels
     assert set(m["cases"]) == {"b10", "b11"}  # evaluated on the target test split
+
+
+def test_label_free_selection_reads_no_target_mask(tmp_path, monkeypatch):
+    import label_efficient.data.store as store_mod
+
+    root = write_two_domain_folder(tmp_path / "two")
+    reads, real_read = [], store_mod.read_mask_2d
+    monkeypatch.setattr(store_mod, "read_mask_2d", lambda path: reads.append(str(path)) or real_read(path))
+    raw = sfda_recipe(root, "upl_sfda")
+    raw["stages"][1]["select"] = "label_free"
+    m = run_recipe(parse_recipe(raw), tmp_path / "run")
+    read_names = {r.rsplit("/", 1)[-1] for r in reads}
+    assert not read_names & {f"b{i:02d}.png" for i in range(10)}  # neither target train nor target val masks
+    done = json.loads((tmp_path / "run" / "stage1_upl_sfda" / "done.json").read_text())
+    assert done["select"] == "label_free" and 0.0 <= done["best_score"] <= 1.0 and done["best"] == "best.ckpt"
+    log = (tmp_path / "run" / "stage1_upl_sfda" / "metrics.csv").read_text()
+    assert "val/label_free" in log.splitlines()[0]
+    assert m["stages"][1]["select"] == "label_free"
 
 
 def test_recipe_rules_for_source_free_stages(tmp_path):
