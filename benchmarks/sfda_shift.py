@@ -16,6 +16,11 @@ chooses anything). ``sdc_uda`` (``--methods sdc_uda``): SDC-UDA with ``benchmark
 backbone (it uses the labelled source, so it is UDA, not source-free). ``oracle``: the same training on the target
 labels. drop recovered = (adapted − source-only) /
 (oracle − source-only). Dice/HD95 per class, mean over RV/MYO/LV.
+
+Unsupervised stopping (``--methods "bn_sfda, label-free stop" "upl_sfda, label-free stop"``): the method adapts for
+``STOPPING_STEPS`` steps with ``select: label_free`` (flip consistency on the target val images, masks unread, every
+100 steps); its row is the chosen checkpoint (``chosen_step`` in the JSON), and a "last of N" row scores the same
+run's last step.
 """
 from __future__ import annotations
 
@@ -46,6 +51,11 @@ METHODS = {
     "upl_sfda": [("upl_sfda", {}, {"name": "adam", "lr": 1e-5, "weight_decay": 0.0, "schedule": "constant"})],
 }
 METHODS["bn_sfda+upl_sfda"] = METHODS["bn_sfda"] + METHODS["upl_sfda"]
+#: the unsupervised stopping rule (``select: label_free``): one longer adaptation per method, validated every 100
+#: steps on the target val images (no mask read); rows "<method>, label-free stop" (its selected checkpoint) and
+#: "<method>, last of N" (the same run's last step), so the two are reported separately as the UPL-SFDA spec asks
+STOPPING_STEPS = 1200
+STOPPING = {f"{m}, label-free stop": m for m in ("bn_sfda", "upl_sfda")}
 REFERENCES = ("source_only", "oracle")
 #: ``sdc_uda`` (translation → teacher → self-training, ``benchmarks/sdc_uda.py``'s schedule, this backbone) is a row
 #: on request (``--methods sdc_uda``): it reads the labelled source, so it is UDA, not source-free
@@ -94,7 +104,7 @@ def evaluate_on_target(model_path: Path, shift: str, seed: int) -> dict:
                     ctx.spec.spatial_dims, ["dice", "hd95"])
 
 
-def run(shift: str, method: str, seed: int) -> dict:
+def run(shift: str, method: str, seed: int) -> list[dict]:
     if method == "source_only":
         m, seconds = evaluate_on_target(source_model(seed), shift, seed), None
     elif method == "sdc_uda":  # unsupervised DA with the source data (not source-free): benchmarks/sdc_uda.py's recipe
@@ -107,14 +117,40 @@ def run(shift: str, method: str, seed: int) -> dict:
     elif method == "oracle":
         m = run_recipe_process(_recipe("sfda_shift_oracle", shift, seed, [_train_stage()]), RUNS / f"{shift}_oracle_s{seed}")
         seconds = None
+    elif method in STOPPING:
+        return stopping_rows(shift, STOPPING[method], seed)
     else:
-        a = PROTOCOL["adapt"]
-        stages = [{"strategy": st, "steps": a["steps"], "val_every": 100, "batch_size": {"unlabeled": a["batch"]},
-                   "init": str(source_model(seed)) if i == 0 else "previous_last", "optimizer": opt, "config": cfg}
-                  for i, (st, cfg, opt) in enumerate(METHODS[method])]
-        tag = method.replace("+", "_")
-        m = run_recipe_process(_recipe(f"sfda_shift_{tag}", shift, seed, stages), RUNS / f"{shift}_{tag}_s{seed}")
+        m, _ = _adapt(shift, method, seed, PROTOCOL["adapt"]["steps"], "last")
         seconds = round(sum(s["seconds"] for s in m["stages"]) / sum(s["steps"] for s in m["stages"]), 4)
+    return [_row(shift, method, seed, m, seconds)]
+
+
+def _adapt(shift: str, method: str, seed: int, steps: int, select: str) -> tuple[dict, Path]:
+    """Adapt the source model of ``seed`` with ``method``; its metrics and run folder."""
+    a = PROTOCOL["adapt"]
+    stages = [{"strategy": st, "steps": steps, "val_every": 100, "batch_size": {"unlabeled": a["batch"]},
+               "init": str(source_model(seed)) if i == 0 else "previous_last", "optimizer": opt, "config": cfg,
+               "select": select}
+              for i, (st, cfg, opt) in enumerate(METHODS[method])]
+    tag = method.replace("+", "_") + ("" if select == "last" else f"_{select}_{steps}")
+    data = {} if select == "last" else {"val_split": "val"}  # label_free: the target val images, masks unread
+    out = RUNS / f"{shift}_{tag}_s{seed}"
+    return run_recipe_process(_recipe(f"sfda_shift_{tag}", shift, seed, stages, **data), out), out
+
+
+def stopping_rows(shift: str, method: str, seed: int) -> list[dict]:
+    """The label-free-stopped checkpoint and the last one of the same ``STOPPING_STEPS``-step run."""
+    import torch
+
+    m, out = _adapt(shift, method, seed, STOPPING_STEPS, "label_free")
+    stage = sorted(out.glob("stage*"))[-1]
+    chosen = torch.load(stage / "best.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    last = evaluate_on_target(stage / "last.ckpt", shift, seed)
+    return [{**_row(shift, f"{method}, label-free stop", seed, m, None), "chosen_step": chosen},
+            _row(shift, f"{method}, last of {STOPPING_STEPS}", seed, last, None)]
+
+
+def _row(shift: str, method: str, seed: int, m: dict, seconds: float | None) -> dict:
     return {"shift": shift, "method": method, "seed": seed, "mean_dice": round(m["mean_dice"], 4),
             "hd95": round(m["mean_hd95"], 2), "per_class_dice": {k: round(v, 4) for k, v in m["per_class"]["dice"].items()},
             "sec_per_adapt_step": seconds, "threads": 1}
@@ -163,9 +199,9 @@ def main() -> None:
         for seed in args.seeds:
             for shift in args.shifts:
                 for method in args.methods:
-                    r = run(shift, method, seed)
-                    rows[(shift, method, seed)] = r
-                    print(json.dumps(r), flush=True)
+                    for r in run(shift, method, seed):
+                        rows[(shift, r["method"], seed)] = r
+                        print(json.dumps(r), flush=True)
                     RESULTS.parent.mkdir(parents=True, exist_ok=True)
                     RESULTS.write_text(json.dumps(with_recovered(list(rows.values())), indent=2) + "\n")
     out = with_recovered(list(rows.values()))
