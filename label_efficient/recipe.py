@@ -137,11 +137,7 @@ class Recipe(_Strict):
                 raise ValueError(f"stages.{i}.data: unknown key '{k}'.{did_you_mean(k, DataConfig.model_fields)}")
             self._check_optimizers(i)
             self._check_synthetic(i)
-            sd = self.stage_data(i)
-            if sd.labeled_domain not in (None, sd.domain) and sd.val_split is not None:
-                raise ValueError(f"stages.{i}.data: labelled domain '{sd.labeled_domain}' differs from the evaluated "
-                                 f"domain '{sd.domain}', whose labels must not choose the model: set val_split: null "
-                                 "(the stage keeps its last step)")
+            self._check_select(i)
             self._check_aux_masks(i)
             if self.stage_data(i).annotation.kind != "dense" and not STRATEGIES.get(st.strategy).sparse_labels:
                 takes = [n for n in STRATEGIES if STRATEGIES.get(n).sparse_labels]
@@ -150,6 +146,30 @@ class Recipe(_Strict):
             if STRATEGIES.get(st.strategy).source_free:
                 self._check_source_free(i)
         return self
+
+    def select(self, i: int) -> str:
+        """Stage ``i``'s checkpoint rule with ``auto`` resolved: labelled val Dice for a strategy that trains on
+        labels (and has a val split), else the last step."""
+        from .strategies import STRATEGIES
+
+        st, sd = self.stages[i], self.stage_data(i)
+        if st.select != "auto":
+            return st.select
+        return "val_dice" if STRATEGIES.get(st.strategy).needs_labeled and sd.val_split is not None else "last"
+
+    def _check_select(self, i: int) -> None:
+        from .strategies import STRATEGIES
+
+        st, sd, where = self.stages[i], self.stage_data(i), f"stages.{i}.select"
+        if st.select == "val_dice" and not STRATEGIES.get(st.strategy).needs_labeled:
+            raise ValueError(f"{where}: '{st.strategy}' trains without labels, so val Dice would be the only label it "
+                             "sees: use label_free (an unsupervised stopping rule) or last")
+        if st.select in ("auto", "val_dice") and sd.labeled_domain not in (None, sd.domain) and sd.val_split:
+            raise ValueError(f"stages.{i}: labelled domain '{sd.labeled_domain}' differs from the evaluated domain "
+                             f"'{sd.domain}', whose labels must not choose the model: set data.val_split: null (the "
+                             "stage keeps its last step) or select: label_free (an unsupervised stopping rule)")
+        if st.select in ("val_dice", "label_free") and sd.val_split is None:
+            raise ValueError(f"{where}: {st.select} scores the val split, but data.val_split is null")
 
     def _check_aux_masks(self, i: int) -> None:
         from .strategies import STRATEGIES

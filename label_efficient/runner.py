@@ -239,13 +239,9 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                                   image_transform=strategy.image_transform(), annotation=annotation,
                                   target_transform=strategy.target_transform(), target_cache=sdir / "targets")
             per_step = module.optimizer_steps_per_step  # Lightning counts optimizer steps
-            select = stage.select if stage.select != "auto" else ("val_dice" if strategy_cls.needs_labeled else "last")
+            select = recipe.select(i)
             val = [] if select == "last" else ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases,
                                                          with_label=select == "val_dice")
-            if select == "val_dice" and not strategy_cls.needs_labeled:
-                log.warning("stage %s: '%s' trains without labels but selects its checkpoint on labelled %s "
-                            "volumes (an upper bound, not a label-free protocol)", name, stage.strategy,
-                            ctx.cfg.val_split)
             monitor = "val/mean_dice" if select == "val_dice" else "val/label_free"
             # last.ckpt is written at the end of every epoch's validation (or every epoch's last step without
             # val): Lightning's own save_last refreshes it only when a new best is saved, and a checkpoint taken

@@ -251,6 +251,23 @@ def test_recipe_rules_for_source_free_stages(tmp_path):
         parse_recipe(raw)
 
 
+def test_selection_rules_keep_target_labels_out(tmp_path):
+    root = write_two_domain_folder(tmp_path / "two")
+    raw = sfda_recipe(root, "upl_sfda")
+    raw["stages"][1]["select"] = "val_dice"
+    with pytest.raises(RecipeError, match="stages.1.select: 'upl_sfda' trains without labels"):
+        parse_recipe(raw)
+    raw["stages"][1]["select"] = "label_free"
+    raw["stages"][1]["data"]["val_split"] = None
+    with pytest.raises(RecipeError, match="stages.1.select: label_free scores the val split"):
+        parse_recipe(raw)
+    raw["stages"][1]["select"] = "best"
+    with pytest.raises(RecipeError, match="select"):
+        parse_recipe(raw)
+    r = parse_recipe(sfda_recipe(root, "upl_sfda"))
+    assert [r.select(0), r.select(1)] == ["val_dice", "last"]
+
+
 def test_checkpoint_with_other_class_count_is_refused(tmp_path):
     from label_efficient.lightning import CheckpointMismatchError
 
