@@ -321,7 +321,11 @@ def write_markdown(rows: list[dict]) -> None:
                f"{sfda_shift.PROTOCOL['train']['steps']} supervised steps (last step), adaptation "
                f"{sfda_shift.PROTOCOL['adapt']['steps']} steps on unlabelled target train slices (last step, no target "
                "label read). Dice mean over RV/MYO/LV on the 20 target test volumes; drop recovered = (adapted − "
-               "source-only) / (oracle − source-only), same seed.", "",
+               "source-only) / (oracle − source-only), same seed. *label-free stop* rows: the method adapts for "
+               f"{sfda_shift.STOPPING_STEPS} steps with `select: label_free` (flip consistency on the 20 target val "
+               "volumes, masks unread, every 100 steps) and is scored at the chosen step; *last of "
+               f"{sfda_shift.STOPPING_STEPS}* is the same run's last step (`python benchmarks/sfda_shift.py --methods "
+               "\"bn_sfda, label-free stop\" \"upl_sfda, label-free stop\"`).", "",
                sfda_shift.table(json.loads(shift.read_text())), ""]
     la2 = HERE / "results" / "la_cpu_v2.json"
     if la2.exists():

@@ -179,7 +179,9 @@ def table(rows: list[dict]) -> str:
         ms = f"{statistics.mean(d):.4f} ± {statistics.stdev(d):.4f}" if len(d) > 1 else f"{d[0]:.4f}"
         rec = [r["recovered"] for r in rs if r.get("recovered") is not None]
         sps = [r["sec_per_adapt_step"] for r in rs if r.get("sec_per_adapt_step")]
-        lines.append(f"| {shift} | {method} | {', '.join(str(r['seed']) for r in rs)} | "
+        chosen = [str(r["chosen_step"]) for r in rs if "chosen_step" in r]
+        name = f"{method} (chosen step {', '.join(chosen)})" if chosen else method
+        lines.append(f"| {shift} | {name} | {', '.join(str(r['seed']) for r in rs)} | "
                      f"{', '.join(f'{x:.4f}' for x in d)} | {ms} | {statistics.mean(r['hd95'] for r in rs):.2f} | "
                      f"{', '.join(f'{100 * x:.0f} %' for x in rec)} | "
                      f"{f'{100 * statistics.mean(rec):.0f} %' if rec else ''} | "
