@@ -41,3 +41,4 @@ def test_domain_adaptation_notebook_runs(monkeypatch):
                            DA_SIZE="32", DA_TEST_VOLUMES="1")
     assert "labelled source slices" in outputs and "on the target scanner" in outputs
     assert "OOD warning on target test slices" in outputs and "BN-SFDA: mean Dice" in outputs
+    assert "flip consistency on unlabelled target val images: source model 0." in outputs
