@@ -207,6 +207,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="labelled and unlabelled images per step, each")
     ap.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     ap.add_argument("--out", default="speed.json", help="file name under benchmarks/results/")
+    ap.add_argument("--precision", default="auto", help="auto (what trainer.precision: auto picks here), 32-true, "
+                                                        "bf16-mixed")
     args = ap.parse_args()
     global BACKBONE, OPTIMIZER
     BACKBONE, OPTIMIZER = args.backbone, args.optimizer
@@ -217,7 +219,7 @@ def main():
     from label_efficient.precision import resolve_precision
 
     global PRECISION
-    PRECISION = resolve_precision("auto", "cpu")
+    PRECISION = resolve_precision(args.precision, "cpu")
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     data = batches(args.steps, 128, args.batch, args.batch)
