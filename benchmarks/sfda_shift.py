@@ -88,8 +88,8 @@ def source_model(seed: int) -> Path:
     return out / "model.pt"
 
 
-def evaluate_on_target(model_path: Path, shift: str, seed: int) -> dict:
-    """Metrics of a model.pt on ``shift``'s target test volumes."""
+def evaluate_on_target(model_path: Path, shift: str, seed: int, recipe: dict | None = None) -> dict:
+    """Metrics of a model.pt, or of a stage checkpoint of ``recipe``'s run, on ``shift``'s target test volumes."""
     import torch
 
     from label_efficient.evaluation import evaluate
@@ -97,7 +97,7 @@ def evaluate_on_target(model_path: Path, shift: str, seed: int) -> dict:
     from label_efficient.runner import DataContext, load_for_evaluation
 
     torch.set_num_threads(1)
-    recipe = parse_recipe(_recipe("eval", shift, seed, [_train_stage()]))
+    recipe = parse_recipe(recipe or _recipe("eval", shift, seed, [_train_stage()]))
     ctx = DataContext.build(recipe.stage_data(0), seed)
     vols = ctx.volumes(recipe.data.test_split, None)
     return evaluate(load_for_evaluation(recipe, ctx, model_path), vols, ctx.spec.num_classes, ctx.spec.class_names,
@@ -145,7 +145,7 @@ def stopping_rows(shift: str, method: str, seed: int) -> list[dict]:
     m, out = _adapt(shift, method, seed, STOPPING_STEPS, "label_free")
     stage = sorted(out.glob("stage*"))[-1]
     chosen = torch.load(stage / "best.ckpt", map_location="cpu", weights_only=True)["global_step"]
-    last = evaluate_on_target(stage / "last.ckpt", shift, seed)
+    last = evaluate_on_target(stage / "last.ckpt", shift, seed, json.loads(out.with_suffix(".json").read_text()))
     return [{**_row(shift, f"{method}, label-free stop", seed, m, None), "chosen_step": chosen},
             _row(shift, f"{method}, last of {STOPPING_STEPS}", seed, last, None)]
 

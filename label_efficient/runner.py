@@ -100,12 +100,21 @@ def build_model(recipe: Recipe, ctx: DataContext) -> torch.nn.Module:
 
 
 def load_for_evaluation(recipe: Recipe, ctx: DataContext, path: str | Path) -> torch.nn.Module:
-    """A ``model.pt`` bundle, or the student network of a stage checkpoint (``last.ckpt``/``best.ckpt``) built
-    from ``recipe``'s backbone, in eval mode."""
+    """A ``model.pt`` bundle, or the test-time network of a stage checkpoint (``last.ckpt``/``best.ckpt``): that
+    stage's strategy rebuilt from ``recipe`` and restored, then ``export_inference()`` (e.g. UPL-SFDA's head
+    ensemble), in eval mode."""
     if str(path).endswith(".ckpt"):
-        model = build_model(recipe, ctx)
-        _init_weights(model, str(path), None, {"backbone": recipe.backbone.name, **ctx.meta}, "evaluate")
-        return model.eval()
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        saved = blob.get("label_efficient", {})
+        check_meta(saved, {"backbone": recipe.backbone.name, **ctx.meta}, str(path))
+        stages = {st.name or st.strategy: st for st in recipe.stages}
+        if saved.get("stage") not in stages:
+            raise ValueError(f"{path} is a checkpoint of stage '{saved.get('stage')}', which recipe '{recipe.name}' "
+                             f"does not have (its stages: {list(stages)}): pass the recipe that wrote it")
+        stage = stages[saved["stage"]]  # the stage's strategy, rebuilt: its test-time network (e.g. an ensemble)
+        strategy = STRATEGIES.get(stage.strategy)(build_model(recipe, ctx), ctx.spec.num_classes, stage.config)
+        load_state(strategy, _strategy_state(Path(path)), str(path))
+        return strategy.export_inference().eval()
     return load_bundle(path)[0]
 
 

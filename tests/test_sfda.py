@@ -302,6 +302,15 @@ def test_upl_model_pt_is_the_ensemble_the_run_tested(tmp_path):
     assert main(["evaluate", str(out / "recipe.resolved.yaml"), "--model", str(out / "model.pt"),
                  "--output", str(tmp_path / "ev.json")]) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["mean_dice"] == pytest.approx(m["mean_dice"], abs=1e-6)
+    # the stage checkpoint evaluates as the same ensemble (its strategy rebuilt from the recipe)
+    assert main(["evaluate", str(out / "recipe.resolved.yaml"), "--model", str(out / "stage1_upl_sfda/last.ckpt"),
+                 "--output", str(tmp_path / "ev_ckpt.json")]) == 0
+    assert json.loads((tmp_path / "ev_ckpt.json").read_text())["mean_dice"] == pytest.approx(m["mean_dice"], abs=1e-6)
+    with pytest.raises(ValueError, match="checkpoint of stage 'upl_sfda', which recipe"):
+        from label_efficient.runner import DataContext, load_for_evaluation
+
+        other = parse_recipe(sfda_recipe(root, "bn_sfda"))
+        load_for_evaluation(other, DataContext.build(other.stage_data(1), other.seed), out / "stage1_upl_sfda/last.ckpt")
     assert main(["predict", "--model", str(out / "model.pt"), "--input", str(root / "images"),
                  "--output", str(tmp_path / "pred")]) == 0
     assert (tmp_path / "pred/ood_scores.csv").is_file()
