@@ -248,6 +248,15 @@ def write_markdown(rows: list[dict]) -> None:
                "| what | official | ours | how ours was measured |", "|---|---|---|---|"]
         md += [f"| {r['what']} | {r['official']} | {r['ours']} | {r['ours_from']} |" for r in off["rows"]]
         md += ["", off.get("note", ""), ""]
+    ablation = [r for r in rows if r["strategy"].startswith("bcp_pretrain")]
+    if ablation:
+        cmd = " ".join(f"{r['strategy']}:{r['labeled']}:{_seed(r)}:{r['steps']}" for r in ablation)
+        md += ["### Ablation of the v1 → v2 gap: BCP's copy-paste pre-training with one v1 setting put back", "",
+               "The pre-training stage builds the teacher that BCP's self-training starts from. `bcp_pretrain` is the "
+               "v2 stage; `_v1net` puts back the v1 network (MONAI UNet 16…256, no residual units, no dropout), `_adamw` "
+               "the v1 optimizer (AdamW 3e-3, poly), `_b8` the v1 batch (8 + 8), `_v1` all three. Same labels, seed "
+               f"and steps; test Dice of the stage's best val checkpoint. `python benchmarks/acdc_cpu.py --rows {cmd}`",
+               "", table(ablation), ""]
     v1 = load_rows(RESULTS_V1)
     if v1:
         md += ["## ACDC-CPU protocol v1 (superseded; not comparable with v2)", "",
