@@ -198,6 +198,18 @@ class StrategyModule(pl.LightningModule):
         dice = case_metrics(pred, volume.label, self.strategy.num_classes, ["dice"])["dice"]
         self._val_scores.setdefault("val/mean_dice", []).append(float(np.mean(list(dice.values()))))
 
+    @torch.no_grad()
+    def score(self, volumes) -> dict[str, float]:
+        """The validation scores of ``volumes`` for the current weights, outside a Trainer (eval mode)."""
+        was_training = self.strategy.training
+        self.strategy.eval()
+        for i, volume in enumerate(volumes):
+            self.validation_step(volume, i)
+        self.strategy.train(was_training)
+        out = {k: float(np.mean(v)) for k, v in self._val_scores.items()}
+        self._val_scores.clear()
+        return out
+
     def on_validation_epoch_end(self) -> None:
         for key, values in self._val_scores.items():
             self.log(key, float(np.mean(values)), prog_bar=True, sync_dist=True)

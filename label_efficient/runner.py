@@ -202,6 +202,20 @@ def _generate(strategy: Strategy, ctx: DataContext, sdir: Path, seed: int) -> No
         generated_pairs(sdir / "generated", ctx.store, labeled, sdir / "generated" / "preview.png")
 
 
+def _initial_candidate(module: StrategyModule, val: list, sdir: Path, rank0: bool) -> float:
+    """Label-free score of a stage's starting weights, which are kept as ``initial.ckpt`` (once; resumable)."""
+    saved = sdir / "initial.json"
+    if saved.exists():
+        return json.loads(saved.read_text())["score"]
+    score = module.score(val)["val/label_free"]
+    if rank0:
+        sdir.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"state_dict": {f"strategy.{k}": v for k, v in module.strategy.state_dict().items()},
+                           "global_step": 0, "label_efficient": module.meta}, sdir / "initial.ckpt")
+        atomic_write_json(saved, {"score": score})
+    return score
+
+
 def _strategy_state(ckpt_path: Path) -> dict:
     blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     return {k[len("strategy."):]: v for k, v in blob["state_dict"].items() if k.startswith("strategy.")}
@@ -260,6 +274,9 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                                         **({} if val else {"every_n_train_steps": stage.val_every * per_step}))
             ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor=monitor, mode="max", save_top_k=1,
                                    enable_version_counter=False, save_on_train_epoch_end=False) if val else None
+            # label-free selection from given weights: the starting point is a candidate too ("do not adapt")
+            initial = (_initial_candidate(module, val, sdir, rank0)
+                       if select == "label_free" and stage.init != "none" else None)
             last = sdir / "last.ckpt"
             resume_from = last if resume and last.exists() else None
             resume_step = (torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"]
@@ -282,8 +299,10 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
             if stage.steps % stage.val_every:  # the final steps after the last full epoch (not validated)
                 trainer.save_checkpoint(last)
             best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
-            score = ckpt.best_model_score if val else None
-            info = {"best": best_path.name, "select": select, "best_score": float(score) if score is not None else None,
+            score = float(ckpt.best_model_score) if val and ckpt.best_model_score is not None else None
+            if initial is not None and (score is None or initial > score):
+                best_path, score = sdir / "initial.ckpt", initial
+            info = {"best": best_path.name, "select": select, "best_score": score,
                     "seconds": module.train_seconds, "steps": stage.steps}
             if rank0:
                 atomic_write_json(done, info)

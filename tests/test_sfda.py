@@ -228,11 +228,17 @@ def test_label_free_selection_reads_no_target_mask(tmp_path, monkeypatch):
     m = run_recipe(parse_recipe(raw), tmp_path / "run")
     read_names = {r.rsplit("/", 1)[-1] for r in reads}
     assert not read_names & {f"b{i:02d}.png" for i in range(10)}  # neither target train nor target val masks
-    done = json.loads((tmp_path / "run" / "stage1_upl_sfda" / "done.json").read_text())
-    assert done["select"] == "label_free" and 0.0 <= done["best_score"] <= 1.0 and done["best"] == "best.ckpt"
-    log = (tmp_path / "run" / "stage1_upl_sfda" / "metrics.csv").read_text()
-    assert "val/label_free" in log.splitlines()[0]
-    assert m["stages"][1]["select"] == "label_free"
+    sdir = tmp_path / "run" / "stage1_upl_sfda"
+    done = json.loads((sdir / "done.json").read_text())
+    assert done["select"] == "label_free" and m["stages"][1]["select"] == "label_free"
+    # candidates: the starting weights (initial.ckpt, "do not adapt") and every validated step; the best is kept
+    lines = (sdir / "metrics.csv").read_text().splitlines()
+    col = lines[0].split(",").index("val/label_free")
+    logged = [float(r.split(",")[col]) for r in lines[1:] if r.split(",")[col]]
+    initial = json.loads((sdir / "initial.json").read_text())["score"]
+    assert len(logged) == 2 and (sdir / "initial.ckpt").is_file()
+    assert done["best_score"] == pytest.approx(max(logged + [initial]), abs=1e-6)
+    assert done["best"] == ("initial.ckpt" if initial > max(logged) else "best.ckpt")
 
 
 def test_recipe_rules_for_source_free_stages(tmp_path):
