@@ -104,3 +104,7 @@ def use_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     model.register_forward_pre_hook(_to_channels_last)
     return model
 
+
+def mean_probs_as_logits(probs: list[torch.Tensor]) -> torch.Tensor:
+    """An ensemble's output as logits (what ``Strategy.predict`` returns): the log of its members' mean softmax."""
+    return torch.stack(probs).mean(0).clamp_min(1e-12).log()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..transforms.rotate import rotate_quarter, rotation_dims
+from ..utils import mean_probs_as_logits
 from .taps import get_head, resolve_tap_points, set_head
 
 
@@ -28,6 +29,11 @@ def rotated_head_probs(body: nn.Module, heads: Sequence[nn.Module], rotations: S
         p = head(body(rotate_quarter(x, r, dims))).float().softmax(1)
         out.append(rotate_quarter(p, (-r) % 4, dims))
     return out
+
+
+def ensemble_logits(body: nn.Module, heads: Sequence[nn.Module], rotations: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """Log of the heads' mean softmax: logits whose softmax and argmax are the ensemble's."""
+    return mean_probs_as_logits(rotated_head_probs(body, heads, rotations, x))
 
 
 def default_rotations(num_heads: int) -> list[int]:
@@ -71,8 +77,7 @@ class RotatedHeads(nn.Module):
         return {"name": "rotated_heads", "rotations": self.rotations}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.stack(rotated_head_probs(self.body, self.heads, self.rotations, x)).mean(0)
-        return mean.clamp_min(1e-12).log()
+        return ensemble_logits(self.body, self.heads, self.rotations, x)
 
 
 def rebuild(model: nn.Module, spec: dict | None) -> nn.Module:

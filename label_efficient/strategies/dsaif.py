@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..losses import ce_dice, sigmoid_rampup, supervised_loss
 from ..transforms.rotate import rotate_quarter, rotation_dims
 from ..transforms.tree_filter import TreeViews
+from ..utils import mean_probs_as_logits
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 
 
@@ -145,4 +146,4 @@ class DSAIF(Strategy):
             return self.model(x)
         if self.config.predict_with == "net2":
             return self.model2(x)
-        return (self.model(x).softmax(1) + self.model2(x).softmax(1)) / 2
+        return mean_probs_as_logits([self.model(x).softmax(1), self.model2(x).softmax(1)])

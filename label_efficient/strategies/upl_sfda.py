@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..backbones.rotated_heads import RotatedHeads, default_rotations, rotated_head_probs, split_heads
+from ..backbones.rotated_heads import RotatedHeads, default_rotations, ensemble_logits, rotated_head_probs, split_heads
 from ..backbones.taps import batchnorm_layers
 from ..transforms.components import largest_component_mask
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
@@ -98,8 +98,8 @@ class UPLSFDA(Strategy):
 
     @torch.no_grad()
     def predict(self, x):
-        """Ensemble of the K rotation heads (mean softmax)."""
-        return torch.stack(self.head_probs(x)).mean(0)
+        """Ensemble of the K rotation heads: logits whose softmax is the heads' mean softmax."""
+        return ensemble_logits(self.model, self.heads, self.rotations, x)
 
     def export_model(self) -> nn.Module:
         """A plain network with the unrotated head (r = 0), for the next stage."""
