@@ -248,7 +248,8 @@ def write_markdown(rows: list[dict]) -> None:
                "| what | official | ours | how ours was measured |", "|---|---|---|---|"]
         md += [f"| {r['what']} | {r['official']} | {r['ours']} | {r['ours_from']} |" for r in off["rows"]]
         md += ["", off.get("note", ""), ""]
-    ablation = [r for r in rows if r["strategy"].startswith("bcp_pretrain")]
+    ablation = sorted((r for r in rows if r["strategy"].startswith("bcp_pretrain")),
+                      key=lambda r: r["strategy"] != "bcp_pretrain")  # the v2 stage first
     if ablation:
         cmd = " ".join(f"{r['strategy']}:{r['labeled']}:{_seed(r)}:{r['steps']}" for r in ablation)
         md += ["### Ablation of the v1 → v2 gap: BCP's copy-paste pre-training with one v1 setting put back", "",
