@@ -218,7 +218,8 @@ def write_markdown(rows: list[dict]) -> None:
         "2-core AMD EPYC VM (AVX2, no native bf16, so `precision: auto` runs fp32), one thread per run unless stated; "
         "rows added on 2026-12-01 (the quick sweep, LA rows with `steps` 1200 or `bcp_*` variants, LA v2, DeSCO, "
         "CycleGAN, AugPaint, SDC-UDA, the contrastive and CUTS tables, ACDC v2 rows at `all` and `labeled_3`, the "
-        "simulated-shift SFDA and the OOD tables) ran on a 2-core Intel Xeon VM with AVX-512 BF16, where "
+        "ACDC v2 mean-teacher and DSAIF rows, the pre-training ablation, the Xeon rows beside the official code, the "
+        "polyp seed-1338 and SDC-UDA rows, the simulated-shift SFDA and the OOD tables) ran on a 2-core Intel Xeon VM with AVX-512 BF16, where "
         "`precision: auto` picks bf16-mixed, "
         "several runs sharing the two cores (so their `train s` are not speed measurements).",
         "", "## ACDC-CPU protocol v2 (the official BCP configuration)", "",
