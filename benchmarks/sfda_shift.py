@@ -144,7 +144,8 @@ def stopping_rows(shift: str, method: str, seed: int) -> list[dict]:
 
     m, out = _adapt(shift, method, seed, STOPPING_STEPS, "label_free")
     stage = sorted(out.glob("stage*"))[-1]
-    chosen = torch.load(stage / "best.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    kept = json.loads((stage / "done.json").read_text())["best"]  # best.ckpt, or initial.ckpt: "do not adapt"
+    chosen = torch.load(stage / kept, map_location="cpu", weights_only=True)["global_step"]
     last = evaluate_on_target(stage / "last.ckpt", shift, seed, json.loads(out.with_suffix(".json").read_text()))
     return [{**_row(shift, f"{method}, label-free stop", seed, m, None), "chosen_step": chosen},
             _row(shift, f"{method}, last of {STOPPING_STEPS}", seed, last, None)]
