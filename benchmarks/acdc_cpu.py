@@ -339,7 +339,8 @@ def write_markdown(rows: list[dict]) -> None:
                "label read). Dice mean over RV/MYO/LV on the 20 target test volumes; drop recovered = (adapted − "
                "source-only) / (oracle − source-only), same seed. *label-free stop* rows: the method adapts for "
                f"{sfda_shift.STOPPING_STEPS} steps with `select: label_free` (flip consistency on the 20 target val "
-               "volumes, masks unread, every 100 steps) and is scored at the chosen step; *last of "
+               "volumes, masks unread, every 100 steps, and of the source model before step 1) and is scored at the chosen "
+               "step (0: the source model was kept, i.e. the rule declined to adapt); *last of "
                f"{sfda_shift.STOPPING_STEPS}* is the same run's last step (`python benchmarks/sfda_shift.py --methods "
                "\"bn_sfda, label-free stop\" \"upl_sfda, label-free stop\"`).", "",
                sfda_shift.table(json.loads(shift.read_text())), ""]
