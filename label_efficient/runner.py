@@ -113,7 +113,7 @@ def load_for_evaluation(recipe: Recipe, ctx: DataContext, path: str | Path) -> t
                              f"does not have (its stages: {list(stages)}): pass the recipe that wrote it")
         stage = stages[saved["stage"]]  # the stage's strategy, rebuilt: its test-time network (e.g. an ensemble)
         strategy = STRATEGIES.get(stage.strategy)(build_model(recipe, ctx), ctx.spec.num_classes, stage.config)
-        load_state(strategy, _strategy_state(Path(path)), str(path))
+        load_state(strategy, _strategy_keys(blob["state_dict"]), str(path))
         return strategy.export_inference().eval()
     return load_bundle(path)[0]
 
@@ -216,9 +216,13 @@ def _initial_candidate(module: StrategyModule, val: list, sdir: Path, rank0: boo
     return score
 
 
+def _strategy_keys(state_dict: dict) -> dict:
+    """The strategy's own entries of a StrategyModule state dict, without their ``strategy.`` prefix."""
+    return {k[len("strategy."):]: v for k, v in state_dict.items() if k.startswith("strategy.")}
+
+
 def _strategy_state(ckpt_path: Path) -> dict:
-    blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    return {k[len("strategy."):]: v for k, v in blob["state_dict"].items() if k.startswith("strategy.")}
+    return _strategy_keys(torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
 
 
 def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
