@@ -190,6 +190,17 @@ def test_gan_step_alternates_generator_then_discriminator_with_lazy_r1():
         s.training_step({**batch, "labeled": {"image": torch.rand(2, 3, 32, 32), "label": batch["labeled"]["label"]}}, 0)
 
 
+def test_r1_penalty_sums_over_every_slice_of_the_slab():
+    """Official ``d_r1_loss``: one slab is a batch of 1, so ‖∇D‖² is summed over all its slices' pixels."""
+    torch.manual_seed(0)
+    s = _translator()
+    slab, fake = torch.randn(3, 1, 32, 32), torch.randn(3, 1, 32, 32)
+    _, whole = s._disc_loss(s.d_a, slab, fake, r1=True)
+    per_slice = [s._disc_loss(s.d_a, slab[i:i + 1], fake[i:i + 1], r1=True)[1] for i in range(3)]
+    assert whole > 0
+    torch.testing.assert_close(whole, torch.stack(per_slice).sum())
+
+
 def test_volume_translation_keeps_labels_and_the_source_intensity_range(tmp_path):
     root = write_image_folder(tmp_path / "d", n=8)
     spec = build_dataset("image_folder", root, num_classes=3, split_csv="split.csv")

@@ -12,7 +12,8 @@ target (``Stream.slab``; each slab min–max scaled to [-1, 1]; the slab's slice
   2. Generator step: L_G = Σ_dirs softplus(−D(G(x))) + 3·L1(cycle) + 1·L1(identity); then the EMA copies
      (decay 0.5^(32/10000)).
   3. Discriminator step: softplus(−D(real)) + softplus(D(fake)), fakes from a 50-slab history pool; every 12th
-     step the lazy R1 penalty γ/2·12·‖∇D(real)‖² (γ = 10). D: four 4×4 stride-2 convs + InstanceNorm + LeakyReLU 0.2,
+     step the lazy R1 penalty γ/2·12·‖∇D(real)‖² (γ = 10), the squared gradient summed over every pixel of the slab
+     (all 3 slices: one slab is the official batch of 1). D: four 4×4 stride-2 convs + InstanceNorm + LeakyReLU 0.2,
      1×1 conv, spatial mean: one logit per slice.
   4. After training (``generate``): each labelled source volume is translated with the EMA G_AB by a sliding
      3-slice window (each window min–max scaled), keeping the centre slice, rescaled to the source volume's intensity
@@ -151,13 +152,15 @@ class SliceGenerator(nn.Module):
 
 
 class SliceDiscriminator(nn.Module):
-    """One logit per slice: four 4×4 stride-2 convs (InstanceNorm after the first, LeakyReLU 0.2), 1×1 conv, mean."""
+    """One logit per slice: four 4×4 stride-2 convs, each + InstanceNorm + LeakyReLU 0.2, 1×1 conv, spatial mean.
+
+    Padding 1 (the official convs have none) so that 64² CPU-sized slices survive four halvings."""
 
     def __init__(self, channels: int = 1, width: int = 16):
         super().__init__()
         layers, cin = [], channels
         for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            layers += [nn.Conv2d(cin, cout, 4, 2, 1)] + ([nn.InstanceNorm2d(cout)] if i else []) + [nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(cin, cout, 4, 2, 1), nn.InstanceNorm2d(cout), nn.LeakyReLU(0.2)]
             cin = cout
         self.body, self.out = nn.Sequential(*layers), nn.Conv2d(cin, 1, 1)
 
@@ -270,7 +273,7 @@ class SDCUDATranslate(Strategy):
         if not r1:
             return loss, torch.zeros(())
         grad, = torch.autograd.grad(out_real.sum(), real, create_graph=True)
-        penalty = grad.pow(2).flatten(1).sum(1).mean()
+        penalty = grad.pow(2).sum()  # summed over the pixels of all the slab's slices: one slab = a batch of 1 (C)
         return loss + self.config.r1_gamma / 2 * self.config.r1_every * penalty, penalty.detach()
 
     def training_step(self, batch, step):
