@@ -111,7 +111,7 @@ def test_step_updates_both_networks_in_order_with_their_own_optimizers():
     s.bind_optimizers({k: torch.optim.SGD(p, lr=0.1) for k, p in s.trainable_parameters().items()})
     before1 = [p.detach().clone() for p in s.model.parameters()]
     before2 = [p.detach().clone() for p in s.net2.parameters()]
-    out = s.training_step(_batch(), 0)
+    out = s.training_step(_batch(2, 2), 0)
     assert torch.isfinite(out.loss)
     assert any(not torch.equal(a, b) for a, b in zip(before1, s.model.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before2, s.net2.parameters()))
@@ -119,6 +119,27 @@ def test_step_updates_both_networks_in_order_with_their_own_optimizers():
     assert 0 <= out.logs["confident_1"] <= 1
     # the two networks start from different initialisations
     assert any(not torch.equal(a, b) for a, b in zip(before1, before2))
+
+
+def test_each_network_trains_on_its_own_half_of_the_batch():
+    """Official code: a batch per network. Net1 learns from the first labelled + unlabelled crops, Net2 the second."""
+    torch.manual_seed(0)
+    s = desco(mc_passes=1)
+    s.setup(10)
+    s.bind_optimizers({k: torch.optim.SGD(p, lr=0.1) for k, p in s.trainable_parameters().items()})
+    seen = {1: [], 2: []}
+    for k, net in ((1, s.model), (2, s.net2)):
+        net.register_forward_pre_hook(lambda m, args, k=k: seen[k].append(args[0].clone()) if torch.is_grad_enabled() else None)
+    batch = _batch(2, 2)
+    s.training_step(batch, 0)
+    lab, u = batch["labeled"]["image"], batch["unlabeled"]["image"]
+    assert torch.equal(seen[1][0], torch.cat([lab[:1], u[:1]])) and torch.equal(seen[2][0], torch.cat([lab[1:], u[1:]]))
+    with pytest.raises(ValueError, match="must be even"):
+        s.training_step(_batch(1, 1), 1)
+    shared = desco(mc_passes=1, batches="shared")
+    shared.setup(10)
+    shared.bind_optimizers({k: torch.optim.SGD(p, lr=0.1) for k, p in shared.trainable_parameters().items()})
+    assert torch.isfinite(shared.training_step(_batch(1, 1), 0).loss)
 
 
 def test_uncertainty_mask_keeps_only_confident_voxels():

@@ -15,6 +15,11 @@ W_k = s^{d_k}, d_k the distance (voxels) to the plane-k annotated slice and 0 on
 then at every rebuild (each 1000 iterations) s = ½(cos(π·t/40) + 1), t = it // 150; λ = 0.1·exp(−5(1 − min(t, 40)/40)²).
 Net1 is the model (evaluated at its last step in the paper: no model selection).
 
+Each network gets its own crops (the official code draws Net1's and Net2's batches from two loaders): by default the
+step's labelled and unlabelled batches are split in halves, Net1 trains on the first, Net2 on the second, so the recipe
+asks for twice the per-network batch (spec: 1 + 1 per network, ``batch_size: {labeled: 2, unlabeled: 2}``);
+``batches: shared`` gives both networks the whole batch.
+
 Schedules run on the paper's 6000 iterations: step t of a T-step stage is paper iteration ⌊t·6000/T⌋, so a shorter
 CPU run anneals dense → sparse the same way. Departure: W_k is computed per batch from cached distance maps (s^d)
 instead of rebuilding the dataset every 1000 iterations; the weights are the same at every iteration.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -75,6 +81,8 @@ class DeSCO(Strategy):
         noise_clip: float = 0.2
         registration: str = "SyNRA"  #: ANTs type_of_transform (C registration.py)
         morphology: int = 5  #: opening/closing size after each warp (C registration.py)
+        #: "split" (C train_desco.py:191,248: a batch per network): halves of the step's batch; "shared": all of it
+        batches: Literal["split", "shared"] = "split"
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
@@ -141,14 +149,26 @@ class DeSCO(Strategy):
         entropy = -(probs * torch.log(probs + 1e-6)).sum(1)
         return pseudo, (entropy < tau).to(u.dtype)
 
+    def network_batches(self, batch) -> list[tuple[dict, torch.Tensor]]:
+        """(labelled fields, unlabelled images) for Net1 and Net2: the two halves of the batch, or all of it twice."""
+        lab, u = batch["labeled"], batch["unlabeled"]["image"]
+        if self.config.batches == "shared":
+            return [(lab, u), (lab, u)]
+        n_l, n_u = lab["image"].shape[0], u.shape[0]
+        if n_l % 2 or n_u % 2:
+            raise ValueError(f"desco (batches: split) gives each network half of the batch: labelled and unlabelled "
+                             f"batch sizes must be even (spec: batch_size {{labeled: 2, unlabeled: 2}}), got {n_l} + {n_u}")
+        halves = [slice(0, n_l // 2), slice(n_l // 2, n_l)], [slice(0, n_u // 2), slice(n_u // 2, n_u)]
+        return [({k: v[i] for k, v in lab.items() if torch.is_tensor(v)}, u[j]) for i, j in zip(*halves)]
+
     def training_step(self, batch, step):
         self.check_batch(batch)
-        lab, u = batch["labeled"], batch["unlabeled"]["image"]
         it = self.paper_iteration(step)
         s, lam, tau = self.decay_base(it), self.consistency_weight(it), self.uncertainty_threshold(it)
         logs, total = {"s": s, "lambda": lam, "tau": tau}, 0.0
-        n_l = lab["image"].shape[0]
-        for k, (net, other) in enumerate(((self.model, self.net2), (self.net2, self.model)), 1):
+        nets = ((self.model, self.net2), (self.net2, self.model))
+        for k, ((net, other), (lab, u)) in enumerate(zip(nets, self.network_batches(batch)), 1):
+            n_l = lab["image"].shape[0]
             target, weight = lab[f"label_{k}"].long(), s ** lab[f"dist_{k}"]
             logits = net(torch.cat([lab["image"], u]))
             o_l, o_u = logits[:n_l], logits[n_l:]
