@@ -248,6 +248,9 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         strategy_cls = STRATEGIES.get(stage.strategy)
         ctx = DataContext.build(recipe.stage_data(i), recipe.seed, source_free=strategy_cls.source_free,
                                 label_free=strategy_cls.label_free)
+        if strategy_cls.requires_intensity not in (None, ctx.spec.intensity):
+            raise DataError(f"stage '{name}': strategy '{stage.strategy}' assumes {strategy_cls.requires_intensity!r} "
+                            f"image intensities, but dataset '{ctx.spec.name}' is {ctx.spec.intensity!r}-normalised")
         meta = {"backbone": recipe.backbone.name, **ctx.meta, "stage": name, "strategy": stage.strategy}
         seed_everything(recipe.seed + i)
         model = build_model(recipe, ctx)

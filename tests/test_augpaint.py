@@ -53,6 +53,17 @@ def test_generated_images_keep_the_exact_foreground_and_get_new_backgrounds(samp
     assert torch.equal(s.generate(image, label, 3, seed=5), out)  # one seed, one result
 
 
+def test_repaint_eta_adds_noise_to_each_reverse_step():
+    image, label = _pair()
+    runs = {}
+    for eta in (0.0, 1.0):
+        s = _strategy(eta=eta, jump_n_sample=1)
+        _ready(s)
+        runs[eta] = s.generate(image, label, 2, seed=5)
+    bg = ~(label > 0)
+    assert (runs[0.0][0, 0][bg] - runs[1.0][0, 0][bg]).abs().mean() > 0.01
+
+
 def test_dilation_grows_the_kept_region_and_multiclass_masks_are_their_union():
     s = _strategy(dilate=1)
     _, label = _pair()
@@ -111,6 +122,8 @@ def test_bad_input_is_refused():
         s.generate(*_pair(), 1, 0)
     with pytest.raises(ValueError, match="2D"):
         s.training_step({"unlabeled": {"image": torch.rand(2, 1, 8, 8, 8)}}, 0)
+    with pytest.raises(ValueError, match="constant"):  # no [−1, 1] map can be fitted on it
+        s.training_step({"unlabeled": {"image": torch.zeros(2, 1, 16, 16)}}, 0)
 
 
 def test_generate_then_supervised_runs_end_to_end(image_folder, tmp_path):

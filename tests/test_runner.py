@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from label_efficient.cli import main
+from label_efficient.data import DataError
 from label_efficient.lightning import CheckpointMismatchError, NonFiniteLossError
 from label_efficient.recipe import parse_recipe
 from label_efficient.runner import load_bundle, run_recipe
@@ -157,3 +158,11 @@ def test_cli_run_predict_evaluate_list(image_folder, tmp_path, capsys):
     assert "mean_teacher" in listing and "swin_unetr" in listing
     assert main(["run", str(recipe), "--set", "stages.0.stpes=3"]) == 2
     assert "Did you mean 'steps'" in capsys.readouterr().err
+
+
+def test_a_strategy_assuming_unit_intensities_refuses_a_zscored_dataset(tmp_path):
+    root = write_nifti_folder(tmp_path / "data")  # nifti_folder volumes are z-scored
+    raw = tiny_recipe_3d(root, strategy="cuts", steps=2)
+    raw["data"]["budget"] = {"all": True}
+    with pytest.raises(DataError, match="strategy 'cuts' assumes 'unit' image intensities, but dataset .* 'zscore'"):
+        run_recipe(parse_recipe(raw), tmp_path / "run")

@@ -62,6 +62,9 @@ class AugPaint(Strategy):
         repaint_steps: int = Field(250, ge=1)  #: R/D
         jump_length: int = Field(10, ge=1)  #: R/D
         jump_n_sample: int = Field(10, ge=1)  #: R/D (1: no resampling jumps)
+        #: noise of each RePaint reverse step: 0 = deterministic DDIM-like step (diffusers' RePaint default, used by
+        #: the rows in benchmarks/RESULTS.md), 1 = the RePaint paper's ancestral DDPM step
+        eta: float = Field(0.0, ge=0, le=1)
         ddim_steps: int = Field(100, ge=1)  #: R
         dilate: int = Field(0, ge=0)  #: grow the known region by this many pixels (spec pitfall: cover the foreground)
         variants: int = Field(5, ge=1)  #: generated images per labelled pair (R)
@@ -118,6 +121,9 @@ class AugPaint(Strategy):
         if x.ndim != 4:
             raise ValueError(f"augpaint generates 2D images (N, C, H, W); got a batch of shape {tuple(x.shape)}")
         if torch.isnan(self.intensity).any():
+            if not x.max() > x.min():
+                raise ValueError("augpaint fits its [−1, 1] intensity map on the first training batch, which is "
+                                 f"constant ({x.min().item():g}); set config.intensity_range")
             self.intensity.copy_(torch.stack([x.min(), x.max()]).detach().to(self.intensity))
         x0 = self.to_unit(x)
         flip = torch.rand(len(x0), device=x0.device) < self.config.flip
@@ -167,7 +173,7 @@ class AugPaint(Strategy):
         from diffusers import RePaintScheduler
 
         c = self.config
-        sch = RePaintScheduler(num_train_timesteps=c.train_timesteps, beta_schedule=c.beta_schedule)
+        sch = RePaintScheduler(num_train_timesteps=c.train_timesteps, beta_schedule=c.beta_schedule, eta=c.eta)
         sch.set_timesteps(c.repaint_steps, c.jump_length, c.jump_n_sample, device=x0.device)
         x = torch.randn(x0.shape, generator=g, device=x0.device)
         t_last = sch.timesteps[0] + 1

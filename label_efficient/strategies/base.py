@@ -85,6 +85,9 @@ class Strategy(nn.Module):
     #: the runner adds a stream ``"aux_masks"`` of ``{"label": (B, *S)}`` batches (never an image), sampled
     #: independently of the image streams; recipes must set ``data.aux_masks`` exactly for such strategies
     needs_aux_masks: ClassVar[bool] = False
+    #: the image scaling the strategy's fixed constants assume (``"unit"``: intensities in [0, 1], e.g. a [0, 1.5]
+    #: clip or an SSIM data range); the runner refuses a dataset of another ``DatasetSpec.intensity``. None: any
+    requires_intensity: ClassVar[str | None] = None
     #: names of the optimizers the strategy steps itself, in order, once each per training step (see the module
     #: docstring); empty: one optimizer, stepped by the loop on the returned loss
     optimizers: ClassVar[tuple[str, ...]] = ()

@@ -22,7 +22,13 @@ Departures, each for a stated reason: g1 reads the last encoder block average-po
 code flattens it whole, so its head size is tied to the input size); the local negatives are all other regions, as
 the paper states, instead of the official code's 5 hand-picked neighbours (the spec marks them incidental); the
 global loss is the mean of the ℓ terms (the official sum/(4·batch) is a constant factor); l counts our backbone's
-decoder blocks (basic_unet has 4 where the official network has 5).
+decoder blocks (basic_unet has 4 where the official network has 5), so the default l = 3 puts the local loss on a
+½-resolution map (64² for 128²) and leaves 1 of 4 decoder blocks random, where the paper's l = 3 is a ¼-resolution
+map (48² for 192²) leaving 2 of 5: ``decoder_blocks: 2`` matches the paper's resolution (the RESULTS rows use 3).
+The backbone's own dropout (basic_unet: encoder 0.05…0.5) stays active while pre-training (the official encoder has
+none): one network runs all stages of a recipe; set ``backbone.kwargs.dropout: 0`` to pre-train without it.
+Stage 3 is whatever fine-tuning strategy the recipe names; ``supervised`` trains ½(CE + Dice), not the official
+Dice including background.
 """
 from __future__ import annotations
 
@@ -166,6 +172,7 @@ class ContrastiveGlobal(Strategy):
     needs_unlabeled = True
     label_free = True
     segments = False
+    requires_intensity = "unit"  # brightness ±0.3 and the [0, 1.5] clip
 
     class Config(_Intensity):
         partitions: int = Field(4, ge=2)  #: S
@@ -220,6 +227,7 @@ class ContrastiveLocal(Strategy):
     needs_unlabeled = True
     label_free = True
     segments = False
+    requires_intensity = "unit"  # brightness ±0.3 and the [0, 1.5] clip
 
     class Config(_Intensity):
         decoder_blocks: int = Field(3, ge=1)  #: l

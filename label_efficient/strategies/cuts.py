@@ -22,7 +22,10 @@ official code's label-free "persistent" map, one map from the whole hierarchy, i
 Departures: the anchors are re-drawn at every step (the official sampler re-seeds on each call, fixing them for
 the whole run); the fallback positive is a distinct pixel (the official one aliases the anchor, z_a = z_p);
 condensation runs on embeddings average-pooled to at most ``condense_size``² pixels and its labels are upsampled
-(exact pairwise affinities on 10⁴–10⁵ pixels do not fit a CPU budget).
+(exact pairwise affinities on 10⁴–10⁵ pixels do not fit a CPU budget); the stage hands on its last checkpoint
+(label-free stages run a fixed number of steps), where the official code keeps the lowest validation-loss one; the
+per-patch SSIM of a multi-channel image uses one window over all channels (the official skimage call averages
+per-channel SSIMs).
 """
 from __future__ import annotations
 
@@ -95,6 +98,7 @@ class CUTS(Strategy):
     needs_labeled = False
     needs_unlabeled = True
     label_free = True
+    requires_intensity = "unit"  # x·2 − 1 to [-1, 1] and SSIM with data range 2
     segments = False
 
     class Config(StrategyConfig):
