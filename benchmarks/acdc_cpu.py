@@ -46,7 +46,7 @@ V1_OPTIMIZER = {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001, "schedule"
 V1_BATCH = {"labeled": 8, "unlabeled": 8}
 
 #: Named variants: a row name mapped to a registered strategy and what it changes from the protocol (``config``,
-#: ``optimizer``, ``backbone``, ``batch_size``), and the row its gap closed is measured from (``None``: none,
+#: ``optimizer``, ``backbone``, ``batch_size``, ``trainer``), and the row its gap closed is measured from (``None``: none,
 #: default ``supervised``). The ``bcp_pretrain_*`` rows are the ablation of the v1 → v2 gap: BCP's copy-paste
 #: pre-training alone, with one v1 setting put back.
 VARIANTS = {
@@ -56,6 +56,8 @@ VARIANTS = {
     "bcp_pretrain_v1": {"strategy": "bcp_pretrain", "backbone": V1_BACKBONE, "optimizer": V1_OPTIMIZER,
                         "batch_size": V1_BATCH, "baseline": None},
     "bcp_teacher_eval": {"strategy": "bcp", "config": {"teacher_eval_mode": True}},
+    #: precision ablation: the protocol's ``precision: auto`` is bf16-mixed on a host with native bf16
+    "bcp_pretrain_fp32": {"strategy": "bcp_pretrain", "trainer": {"precision": "32-true"}, "baseline": None},
 }
 
 
@@ -75,7 +77,8 @@ def recipe(strategy: str, labeled: str) -> dict:
     return {"name": f"acdc_cpu_{strategy}_{labeled}", "seed": PROTOCOL["seed"],
             "data": {**PROTOCOL["data"], "budget": BUDGETS[labeled]},
             "backbone": VARIANTS.get(strategy, {}).get("backbone", PROTOCOL["backbone"]),
-            "trainer": PROTOCOL["trainer"], "stages": stages(strategy, steps)}
+            "trainer": {**PROTOCOL["trainer"], **VARIANTS.get(strategy, {}).get("trainer", {})},
+            "stages": stages(strategy, steps)}
 
 
 #: The full table: 3 seeds of supervised at 3 / 7 / all patients and of each semi-supervised strategy at 3 and 7.
