@@ -256,11 +256,13 @@ def write_markdown(rows: list[dict]) -> None:
                       key=lambda r: r["strategy"] != "bcp_pretrain")  # the v2 stage first
     if ablation:
         cmd = " ".join(f"{r['strategy']}:{r['labeled']}:{_seed(r)}:{r['steps']}" for r in ablation)
-        md += ["### Ablation of the v1 → v2 gap: BCP's copy-paste pre-training with one v1 setting put back", "",
+        md += ["### Ablation: BCP's copy-paste pre-training with one setting changed (the v1 → v2 gap, and precision)", "",
                "The pre-training stage builds the teacher that BCP's self-training starts from. `bcp_pretrain` is the "
                "v2 stage; `_v1net` puts back the v1 network (MONAI UNet 16…256, no residual units, no dropout), `_adamw` "
-               "the v1 optimizer (AdamW 3e-3, poly), `_b8` the v1 batch (8 + 8), `_v1` all three. Same labels, seed "
-               f"and steps; test Dice of the stage's best val checkpoint. `python benchmarks/acdc_cpu.py --rows {cmd}`",
+               "the v1 optimizer (AdamW 3e-3, poly), `_b8` the v1 batch (8 + 8), `_v1` all three; `_fp32` keeps v2 "
+               "but trains in fp32 where `precision: auto` chose bf16-mixed (this Xeon host has native bf16). Same "
+               "labels, seed and steps; test Dice of the stage's best val checkpoint. "
+               f"`python benchmarks/acdc_cpu.py --rows {cmd}`",
                "", table(ablation), ""]
     v1 = load_rows(RESULTS_V1)
     if v1:
@@ -294,7 +296,8 @@ def write_markdown(rows: list[dict]) -> None:
 
         md += ["## CUTS: unsupervised segmentation against label-free baselines", "",
                f"Regenerate: `python benchmarks/cuts.py`. Images at {SIZE}²; CUTS stage 1 ({CUTS_STEPS} steps, "
-               "`recipes/polyp_cuts.yaml`, no label read) on the train images, then per test image diffusion "
+               "`recipes/polyp_cuts.yaml`, no label read; the checkpoint of lowest loss on the val images, checked "
+               "every quarter of the run: `select: val_loss`, the official rule) on the train images, then per test image diffusion "
                "condensation. Binary target: polyp (Kvasir test) and left-ventricle cavity (ACDC test slices that "
                "contain it). *label-free* rows choose the granularity and the foreground cluster without any label "
                "(silhouette level or the official code's *persistent* map of the whole hierarchy, then the centre prior); "

@@ -3,8 +3,9 @@ Kvasir-SEG polyps and ACDC (left-ventricle cavity as the binary target): results
 
     python benchmarks/cuts.py [--datasets polyp acdc] [--images 100]
 
-Per dataset: CUTS stage 1 from its recipe (label-free, every train image, no mask read), then per test image
-diffusion condensation. Rows, each scored per image (binary Dice; Hausdorff in pixels, the image diagonal when a
+Per dataset: CUTS stage 1 from its recipe (label-free, every train image, no mask read; the checkpoint of lowest
+loss on the val images, ``select: val_loss``, scored every quarter of the run), then per test image diffusion
+condensation. Rows, each scored per image (binary Dice; Hausdorff in pixels, the image diagonal when a
 mask is empty) on the same first ``--images`` test images:
 
 - ``cuts, label-free``: level with the best silhouette, foreground = the centre-prior cluster (no label used);
@@ -47,7 +48,7 @@ def cuts_recipe(name: str) -> dict:
     r = yaml.safe_load((ROOT / "recipes" / "polyp_cuts.yaml").read_text())
     r["name"] = f"cuts_{name}"
     r["data"].update({"dataset": d["dataset"], "domain": d["domain"], "image_size": [SIZE, SIZE]})
-    r["stages"][0].update({"steps": CUTS_STEPS, "batch_size": {"unlabeled": 8}})
+    r["stages"][0].update({"steps": CUTS_STEPS, "val_every": CUTS_STEPS // 4, "batch_size": {"unlabeled": 8}})
     r["trainer"].update({"progress_bar": False, "log_every": 50})
     return r
 

@@ -94,8 +94,9 @@ def build_optimizers(strategy: Strategy, cfg: OptimizerConfig | dict[str, Optimi
 
 class StrategyModule(pl.LightningModule):
     """Runs ``strategy.training_step`` each step, its hooks after the optimizer step and at epoch end,
-    and scores validation volumes for model selection: per-volume Dice (``val/mean_dice``) on labelled volumes, or
-    :func:`~label_efficient.evaluation.flip_consistency` (``val/label_free``) on volumes loaded without masks.
+    and scores validation volumes for model selection: per-volume Dice (``val/mean_dice``) on labelled volumes,
+    :func:`~label_efficient.evaluation.flip_consistency` (``val/label_free``) on volumes loaded without masks, or,
+    with ``val_loss=True``, the strategy's :meth:`~Strategy.validation_loss` on those images (``val/loss``).
 
     A strategy with named ``optimizers`` runs under Lightning's manual optimisation: it steps each optimizer once per
     step through :meth:`Strategy.optimizer_step` (with ``manual_backward``), so Lightning's ``global_step`` advances
@@ -103,9 +104,10 @@ class StrategyModule(pl.LightningModule):
 
     def __init__(self, strategy: Strategy, optimizer: OptimizerConfig | dict[str, OptimizerConfig], total_steps: int,
                  seed: int = 0, spatial_dims: int = 2, roi_size: Sequence[int] | None = None, meta: dict | None = None,
-                 overlap: float = 0.5):
+                 overlap: float = 0.5, val_loss: bool = False):
         super().__init__()
         self.strategy = strategy
+        self.val_loss = val_loss
         self.automatic_optimization = not strategy.optimizers
         self.optimizer_cfg = optimizer
         self.total_steps = total_steps
@@ -190,6 +192,12 @@ class StrategyModule(pl.LightningModule):
 
     def validation_step(self, volume, batch_idx):
         kw = {"roi_size": self.roi_size, "device": self.device, "overlap": self.overlap}
+        if self.val_loss:  # the strategy's objective, with the same sampled terms at every validation
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.seed * 1_000_003 + batch_idx)
+                loss = self.strategy.validation_loss({"unlabeled": {"image": volume.image.to(self.device)}})
+            self._val_scores.setdefault("val/loss", []).append(float(loss))
+            return
         if volume.label is None:  # loaded without its mask: the label-free score
             self._val_scores.setdefault("val/label_free", []).append(
                 flip_consistency(self.strategy.predict, volume, self.spatial_dims, **kw))

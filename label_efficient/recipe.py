@@ -87,9 +87,10 @@ class StageConfig(_Strict):
     init: str = "previous_best"  #: previous_best | previous_last | none | path to a checkpoint or model.pt
     data: dict[str, Any] = {}  #: overrides of the top-level data section for this stage
     #: which checkpoint is this stage's ``best``: ``val_dice`` (labelled val volumes), ``label_free`` (flip
-    #: consistency on the val images, no mask read: an unsupervised stopping rule), ``last``; ``auto`` =
+    #: consistency on the val images, no mask read: an unsupervised stopping rule), ``val_loss`` (the strategy's
+    #: own objective on the val images, no mask read; strategies that define one), ``last``; ``auto`` =
     #: ``val_dice`` for a strategy that trains on labels, else ``last``
-    select: Literal["auto", "val_dice", "label_free", "last"] = "auto"
+    select: Literal["auto", "val_dice", "label_free", "val_loss", "last"] = "auto"
 
 
 class TrainerConfig(_Strict):
@@ -168,7 +169,11 @@ class Recipe(_Strict):
             raise ValueError(f"stages.{i}: labelled domain '{sd.labeled_domain}' differs from the evaluated domain "
                              f"'{sd.domain}', whose labels must not choose the model: set data.val_split: null (the "
                              "stage keeps its last step) or select: label_free (an unsupervised stopping rule)")
-        if st.select in ("val_dice", "label_free") and sd.val_split is None:
+        if st.select == "val_loss" and not STRATEGIES.get(st.strategy).has_validation_loss():
+            has = [n for n in STRATEGIES if STRATEGIES.get(n).has_validation_loss()]
+            raise ValueError(f"{where}: '{st.strategy}' defines no validation loss; strategies that do: {has}. Use "
+                             "label_free, val_dice or last")
+        if st.select in ("val_dice", "label_free", "val_loss") and sd.val_split is None:
             raise ValueError(f"{where}: {st.select} scores the val split, but data.val_split is null")
 
     def _check_aux_masks(self, i: int) -> None:

@@ -187,6 +187,10 @@ def _synthetic_pairs(recipe: Recipe, i: int, ctx: DataContext, out: Path):
     return load_pairs(out / f"stage{j}_{names[j]}" / "generated", ctx.store)
 
 
+#: the logged score and its direction of each validating ``select`` rule
+MONITORS = {"val_dice": ("val/mean_dice", "max"), "label_free": ("val/label_free", "max"), "val_loss": ("val/loss", "min")}
+
+
 def _generate(strategy: Strategy, ctx: DataContext, sdir: Path, seed: int) -> None:
     """Run a data-producing stage's generation for the labelled cases of its budget (resumable)."""
     train = ctx.spec.select(ctx.cfg.train_split, ctx.cfg.labeled_domain or ctx.cfg.domain)
@@ -258,7 +262,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         strategy = strategy_cls(model, ctx.spec.num_classes, stage.config)
         module = StrategyModule(strategy, recipe.stage_optimizers(i) if strategy.optimizers else stage.optimizer, stage.steps, seed=recipe.seed + 7919 * i,
                                 spatial_dims=ctx.spec.spatial_dims, roi_size=ctx.cfg.patch_size, meta=meta,
-                                overlap=recipe.evaluation.sw_overlap)
+                                overlap=recipe.evaluation.sw_overlap, val_loss=recipe.select(i) == "val_loss")
         done = sdir / "done.json"
         if not (resume and done.exists()):
             annotation = SliceAnnotation(ctx.cfg.annotation) if ctx.cfg.annotation.kind == "slices" else None
@@ -272,14 +276,14 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
             select = recipe.select(i)
             val = [] if select == "last" else ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases,
                                                          with_label=select == "val_dice")
-            monitor = "val/mean_dice" if select == "val_dice" else "val/label_free"
+            monitor, mode = MONITORS.get(select, (None, "max"))
             # last.ckpt is written at the end of every epoch's validation (or every epoch's last step without
             # val): Lightning's own save_last refreshes it only when a new best is saved, and a checkpoint taken
             # in on_train_epoch_end does not resume bit-identically.
             last_ckpt = ModelCheckpoint(dirpath=sdir, filename="last", monitor=None, save_top_k=1,
                                         enable_version_counter=False, save_on_train_epoch_end=False,
                                         **({} if val else {"every_n_train_steps": stage.val_every * per_step}))
-            ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor=monitor, mode="max", save_top_k=1,
+            ckpt = ModelCheckpoint(dirpath=sdir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
                                    enable_version_counter=False, save_on_train_epoch_end=False) if val else None
             # label-free selection from given weights: the starting point is a candidate too ("do not adapt")
             initial = (_initial_candidate(module, val, sdir, rank0)

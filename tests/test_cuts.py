@@ -147,3 +147,44 @@ def test_cuts_runs_from_a_recipe_as_a_label_free_stage(image_folder, tmp_path):
     assert blob["parts"] is None
     levels, chosen = build_strategy("cuts", net, 3).eval().segment(torch.rand(1, 32, 32))
     assert len(levels) >= 2 and 0 <= chosen < len(levels)
+
+
+def test_val_loss_selection_keeps_the_lowest_val_loss_and_reads_no_mask(image_folder, tmp_path, monkeypatch):
+    import json
+
+    from conftest import tiny_recipe
+
+    import label_efficient.data.store as store_mod
+    from label_efficient.recipe import RecipeError, parse_recipe
+    from label_efficient.runner import run_recipe
+
+    reads, real_read = [], store_mod.read_mask_2d
+    monkeypatch.setattr(store_mod, "read_mask_2d", lambda path: reads.append(str(path)) or real_read(path))
+    raw = tiny_recipe(image_folder, strategy="cuts", steps=6, val_every=2, batch_size={"unlabeled": 2}, select="val_loss")
+    raw["backbone"] = {"name": "cuts_cnn", "kwargs": {"features": [4, 8]}}
+    run_recipe(parse_recipe(raw), tmp_path / "run")
+    assert reads == []  # neither train nor val masks
+    sdir = tmp_path / "run" / "stage0_cuts"
+    done = json.loads((sdir / "done.json").read_text())
+    lines = (sdir / "metrics.csv").read_text().splitlines()
+    col = lines[0].split(",").index("val/loss")
+    logged = [float(r.split(",")[col]) for r in lines[1:] if r.split(",")[col]]
+    assert len(logged) == 3 and done["select"] == "val_loss" and done["best"] == "best.ckpt"
+    assert done["best_score"] == pytest.approx(min(logged), abs=1e-6)
+    # the same weights score the same at every validation (the sampled anchors are fixed), and training's random
+    # stream is left as it was
+    from types import SimpleNamespace
+
+    from label_efficient.lightning import StrategyModule
+
+    s = build_strategy("cuts", build_backbone("cuts_cnn", 2, 1, 3, features=[4, 8]), 3)
+    module = StrategyModule(s, parse_recipe(raw).stages[0].optimizer, 6, val_loss=True)
+    vols = [SimpleNamespace(image=torch.rand(3, 1, 32, 32)) for _ in range(2)]
+    torch.manual_seed(0)
+    first, state = module.score(vols), torch.get_rng_state()
+    assert first == module.score(vols) and set(first) == {"val/loss"}
+    torch.manual_seed(0)
+    assert torch.equal(state, torch.get_rng_state())
+    raw["stages"][0] = {**raw["stages"][0], "strategy": "supervised", "batch_size": {"labeled": 2}}
+    with pytest.raises(RecipeError, match="'supervised' defines no validation loss; strategies that do: \\['cuts'\\]"):
+        parse_recipe(raw)

@@ -181,6 +181,17 @@ class Strategy(nn.Module):
         self._backward(loss)
         opt.step()
 
+    def validation_loss(self, batch: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """The training objective on held-out images, for ``select: val_loss`` (lower is better): ``batch`` is
+        ``{"unlabeled": {"image": (N, C, *S)}}``, one val volume's slices (2D) or the volume (3D), never a label.
+        No update and no state change; called without gradients under a fixed seed, so sampled terms (anchors,
+        noise) repeat across validations. Implemented by strategies whose paper selects on it."""
+        raise NotImplementedError(f"strategy '{self.name}' has no validation loss")
+
+    @classmethod
+    def has_validation_loss(cls) -> bool:
+        return cls.validation_loss is not Strategy.validation_loss
+
     # -- inference -------------------------------------------------------------------------------
 
     @torch.no_grad()

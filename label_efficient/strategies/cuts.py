@@ -9,6 +9,8 @@ Stage 1 (``cuts``, label-free), per step, images scaled to [−1, 1]:
      rows), τ = 0.1
   4. L_recon: an MLP (L → C·P² → LeakyReLU → C·P²) predicts the anchor's P×P×C image patch from z_a; MSE
   5. L = λ·L_NCE + (1 − λ)·L_recon, λ = 0.001
+Checkpoint: ``select: val_loss`` keeps the step of lowest L on the val images (the official rule; no mask read);
+the stage's default (``auto``) is its last step.
 Stage 2 (:meth:`CUTS.segment`, per image): diffusion condensation of the L2-normalised pixel embeddings gives label
 maps from fine to coarse (``transforms.condensation``).
 
@@ -22,9 +24,7 @@ official code's label-free "persistent" map, one map from the whole hierarchy, i
 Departures: the anchors are re-drawn at every step (the official sampler re-seeds on each call, fixing them for
 the whole run); the fallback positive is a distinct pixel (the official one aliases the anchor, z_a = z_p);
 condensation runs on embeddings average-pooled to at most ``condense_size``² pixels and its labels are upsampled
-(exact pairwise affinities on 10⁴–10⁵ pixels do not fit a CPU budget); the stage hands on its last checkpoint
-(label-free stages run a fixed number of steps), where the official code keeps the lowest validation-loss one; the
-per-patch SSIM of a multi-channel image uses one window over all channels (the official skimage call averages
+(exact pairwise affinities on 10⁴–10⁵ pixels do not fit a CPU budget); the per-patch SSIM of a multi-channel image uses one window over all channels (the official skimage call averages
 per-channel SSIMs).
 """
 from __future__ import annotations
@@ -147,6 +147,11 @@ class CUTS(Strategy):
         loss_recon = F.mse_loss(self.recon(za), target)
         loss = c.lambda_contrastive * loss_nce + (1 - c.lambda_contrastive) * loss_recon
         return StepOutput(loss, {"loss_nce": loss_nce.detach(), "loss_recon": loss_recon.detach()})
+
+    @torch.no_grad()
+    def validation_loss(self, batch):
+        """L on held-out images: the official code keeps the checkpoint of lowest val loss (``select: val_loss``)."""
+        return self.training_step(batch, -1).loss
 
     # -- stage 2 ------------------------------------------------------------------------------------
     @torch.no_grad()
