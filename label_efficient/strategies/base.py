@@ -64,7 +64,8 @@ class Strategy(nn.Module):
     needs_labeled: ClassVar[bool] = True
     needs_unlabeled: ClassVar[bool] = False
     #: label-free (self-/unsupervised) stage: every train image arrives unlabelled, whatever the label budget, no
-    #: mask is read, and the stage runs a fixed number of steps (no validation; its last checkpoint passes on)
+    #: mask is read, and the stage runs a fixed number of steps (its last checkpoint passes on, or with
+    #: ``select: val_loss`` the one of lowest :meth:`validation_loss`)
     label_free: ClassVar[bool] = False
     #: the exported network is a segmenter (scored on the test split); False for pre-training and embedding stages,
     #: whose last stage writes ``model.pt`` without evaluation
