@@ -319,10 +319,12 @@ def write_markdown(rows: list[dict]) -> None:
                "labels for selection). Dice/HD95 on the target test split, per image. drop recovered = (adapted − "
                "source-only) / (oracle − source-only). `sdc_uda` (`--methods sdc_uda`; unsupervised DA, it reads the "
                f"labelled source): `recipes/polyp_sdc_uda.yaml` with {SP_SDC} translation steps, trained from scratch. "
-               "The kvasir→cvc seed-1337 source-only, oracle and source-on-source rows were re-made on 2026-12-01 with "
-               "the SDC-UDA row (the source folder re-evaluated, the oracle re-trained): source-only 0.5126 and oracle "
-               "0.3553, where the same seed's BN/UPL rows, made earlier, had 0.4935 and 0.2927 beside them; "
-               "the seed-1338 rows are one consistent set.", "", sfda_table(json.loads(sfda.read_text())), ""]
+               "Every `sdc_uda` row was made after commit ae086f5 (the discriminator's R1 penalty summed over the "
+               "slab, as in the official code). The seed-1337 source-only, oracle and source-on-source rows were "
+               "re-made on 2026-12-01 with the SDC-UDA rows (the source folder re-evaluated, the oracle re-trained): "
+               "kvasir→cvc source-only 0.5126 and oracle 0.3553, where the same seed's BN/UPL rows, made earlier, had "
+               "0.4935 and 0.2927 beside them; cvc→kvasir 0.4023 and 0.6726, where they had 0.3937 and 0.6762. "
+               "The seed-1338 rows are one consistent set.", "", sfda_table(json.loads(sfda.read_text())), ""]
     ood = HERE / "results" / "ood_polyp.json"
     if ood.exists():
         from ood_polyp import table as ood_table
@@ -350,7 +352,10 @@ def write_markdown(rows: list[dict]) -> None:
                "volumes, masks unread, every 100 steps, and of the source model before step 1) and is scored at the chosen "
                "step (0: the source model was kept, i.e. the rule declined to adapt); *last of "
                f"{sfda_shift.STOPPING_STEPS}* is the same run's last step (`python benchmarks/sfda_shift.py --methods "
-               "\"bn_sfda, label-free stop\" \"upl_sfda, label-free stop\"`).", "",
+               "\"bn_sfda, label-free stop\" \"upl_sfda, label-free stop\"`). *sdc_uda* rows (`--methods sdc_uda`, "
+               "`benchmarks/sdc_uda.py`'s schedule on this backbone; unsupervised DA: it reads the labelled source "
+               "images) were re-made after commit ae086f5 (R1 penalty summed over the slab): on the scanner without "
+               "inversion 0.7175 / 0.7431 where the pre-fix rows had 0.7323 / 0.7527.", "",
                sfda_shift.table(json.loads(shift.read_text())), ""]
     la2 = HERE / "results" / "la_cpu_v2.json"
     if la2.exists():
