@@ -61,7 +61,9 @@ def test_propagation_keeps_the_annotated_slice_and_follows_the_structure():
     far = [0, 1, 9]
     copied = np.mean([dice(label[..., 5] > 0, label[..., z] > 0) for z in far])
     warped = np.mean([dice(out[..., z] > 0, label[..., z] > 0) for z in far])
-    assert copied < 0.65 and warped > 0.85  # registration tracks the drift; copying the slice does not
+    # registration tracks the drift; copying the slice does not. SyN is not bit-reproducible here even with ANTs'
+    # seed (repeats in one process gave 0.83-0.96), so the margin is wide
+    assert copied < 0.65 and warped > 0.78
 
 
 def test_targets_paste_the_other_plane_and_weight_it_fully():
