@@ -260,9 +260,10 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         model = build_model(recipe, ctx)
         _init_weights(model, stage.init, previous, meta, name)
         strategy = strategy_cls(model, ctx.spec.num_classes, stage.config)
+        select = recipe.select(i)
         module = StrategyModule(strategy, recipe.stage_optimizers(i) if strategy.optimizers else stage.optimizer, stage.steps, seed=recipe.seed + 7919 * i,
                                 spatial_dims=ctx.spec.spatial_dims, roi_size=ctx.cfg.patch_size, meta=meta,
-                                overlap=recipe.evaluation.sw_overlap, val_loss=recipe.select(i) == "val_loss")
+                                overlap=recipe.evaluation.sw_overlap, val_loss=select == "val_loss")
         done = sdir / "done.json"
         if not (resume and done.exists()):
             annotation = SliceAnnotation(ctx.cfg.annotation) if ctx.cfg.annotation.kind == "slices" else None
@@ -273,7 +274,6 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                                   image_transform=strategy.image_transform(), annotation=annotation,
                                   target_transform=strategy.target_transform(), target_cache=sdir / "targets")
             per_step = module.optimizer_steps_per_step  # Lightning counts optimizer steps
-            select = recipe.select(i)
             val = [] if select == "last" else ctx.volumes(ctx.cfg.val_split, ctx.cfg.max_val_cases,
                                                          with_label=select == "val_dice")
             monitor, mode = MONITORS.get(select, (None, "max"))

@@ -24,8 +24,8 @@ official code's label-free "persistent" map, one map from the whole hierarchy, i
 Departures: the anchors are re-drawn at every step (the official sampler re-seeds on each call, fixing them for
 the whole run); the fallback positive is a distinct pixel (the official one aliases the anchor, z_a = z_p);
 condensation runs on embeddings average-pooled to at most ``condense_size``² pixels and its labels are upsampled
-(exact pairwise affinities on 10⁴–10⁵ pixels do not fit a CPU budget); the per-patch SSIM of a multi-channel image uses one window over all channels (the official skimage call averages
-per-channel SSIMs).
+(exact pairwise affinities on 10⁴–10⁵ pixels do not fit a CPU budget); the per-patch SSIM of a multi-channel
+image uses one window over all channels (the official skimage call averages per-channel SSIMs).
 """
 from __future__ import annotations
 
