@@ -188,3 +188,110 @@ def test_val_loss_selection_keeps_the_lowest_val_loss_and_reads_no_mask(image_fo
     raw["stages"][0] = {**raw["stages"][0], "strategy": "supervised", "batch_size": {"labeled": 2}}
     with pytest.raises(RecipeError, match="'supervised' defines no validation loss; strategies that do: \\['cuts'\\]"):
         parse_recipe(raw)
+
+
+def _official_persistent(labels: np.ndarray) -> np.ndarray:
+    """The rule of the official ``get_persistent_structures`` (CUTS diffusion_condensation.py), re-written from
+    reading it, as a reference: ``labels`` (B, H, W) = the hierarchy *after* the official ``levels[1:]``. Identity =
+    label value; per value over frames 0…B−2: levels present and the first frame of largest area; drop area < 1 % or
+    < 2 levels; paint by (−area, −persistence), stably. One change for comparison: pixels left unpainted get the
+    first-painted value (the official's zero-initialised map joins them to label value 0)."""
+    b, h, w = labels.shape
+    kept = []
+    for value in np.unique(labels):
+        present, best, best_area = 0, None, 0
+        for frame in range(b - 1):
+            area = int((labels[frame] == value).sum())
+            if area > 0:
+                present += 1
+                if best is None or area > best_area:
+                    best, best_area = frame, area
+        if best is None or best_area < 1e-2 * h * w or present < 2:
+            continue
+        kept.append((present, best_area, value, best))
+    kept.sort(key=lambda t: (-t[1], -t[0]))
+    out = np.full((h, w), -1)
+    for _, _, value, frame in kept:
+        out[labels[frame] == value] = value
+    return np.where(out < 0, kept[0][2], out) if kept else np.zeros((h, w), int)
+
+
+def _by_first_pixel(lab: np.ndarray) -> np.ndarray:
+    """Relabel a partition so each cluster's value is the flat index of its first pixel: then the official identity
+    (label value, kept through merges by the representative) and ours (the first pixel) coincide."""
+    flat = lab.ravel()
+    _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    return first[inverse].reshape(lab.shape)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return pairs.shape[1] == len(np.unique(a)) == len(np.unique(b))
+
+
+def test_persistent_label_matches_the_official_rule_without_the_all_distinct_level():
+    # 10×10, fine → coarse: {bg, ring, square, speck} → {bg, ring ∪ square ∪ speck} → {everything}; msphate's
+    # hierarchy also starts with the all-distinct level, which the official code drops (levels[1:])
+    fine = np.zeros((10, 10), int)
+    fine[2:8, 2:8] = 1  # a ring (20 %), first pixel (2, 2)
+    fine[3:7, 3:7] = 2  # a square (16 %) that lives one level
+    fine[8, 8] = 3  # a one-pixel speck (1 %), one level
+    mid = np.where(fine > 0, 1, 0)
+    full = np.stack([_by_first_pixel(lab) for lab in (np.arange(100).reshape(10, 10), fine, mid, np.zeros_like(fine))])
+    ref = _official_persistent(full[1:])
+    ours = persistent_label(list(full[1:]))
+    assert len(np.unique(ref)) == 2 and _same_partition(ours, ref)  # background and the ring at its 37-px extent
+    assert (ours == ours[2, 2]).sum() == 37
+    # fed the all-distinct level too (what diffusion_condensation used to return), every identity gains a level:
+    # the one-level square and speck would be kept, 4 clusters instead of the official 2
+    assert len(np.unique(persistent_label(list(full)))) == 4
+    # random hierarchies (random merges of a random fine partition): the same maps as the official rule
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lab = rng.integers(0, 12, (12, 12))
+        chain = [lab]
+        while len(np.unique(chain[-1])) > 1:
+            ids = np.unique(chain[-1])
+            pick = rng.choice(ids, size=min(len(ids), int(rng.integers(2, 4))), replace=False)
+            chain.append(np.where(np.isin(chain[-1], pick), pick[0], chain[-1]))
+        chain = np.stack([_by_first_pixel(c) for c in chain])
+        assert _same_partition(persistent_label(list(chain)), _official_persistent(chain))
+
+
+def test_condensation_returns_no_all_distinct_level():
+    torch.manual_seed(0)
+    x = torch.randn(60, 4)
+    levels = diffusion_condensation(x)
+    assert len(np.unique(levels[0])) < 60 and len(np.unique(levels[-1])) == 1
+    # exact duplicates fuse before any diffusion: that partition is a real level (not all-distinct), kept
+    dup = diffusion_condensation(torch.cat([x[:10], x[:10]]))
+    assert len(np.unique(dup[0])) == 10 and (dup[0][:10] == dup[0][10:]).all()
+    assert [len(np.unique(lab)) for lab in diffusion_condensation(torch.ones(1, 3))] == [1]
+
+
+def _skimage_ssim_one_window(a: np.ndarray, b: np.ndarray) -> float:
+    """The official ``range_aware_ssim`` on one 5×5 grayscale patch pair, from skimage's ``structural_similarity``
+    rule: win_size 5 (the patch is < 7 px) so a single uniform window (the only valid centre), sample covariance
+    (÷ (N − 1)), K1 0.01, K2 0.03, data range = the first (anchor) patch's max − min, 1 where that is 0."""
+    r = float(a.max() - a.min()) or 1.0
+    c1, c2, n = (0.01 * r) ** 2, (0.03 * r) ** 2, a.size
+    ma, mb = a.mean(), b.mean()
+    va, vb = a.var() * n / (n - 1), b.var() * n / (n - 1)
+    cov = ((a - ma) * (b - mb)).sum() / (n - 1)
+    return (2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+
+
+def test_patch_ssim_uses_the_anchor_patch_range_as_the_official_code():
+    rng = np.random.default_rng(0)
+    # low-contrast patches (range 0.2 of the [-1, 1] scale): the range-aware constants matter
+    a = 0.3 + 0.2 * rng.random((4, 1, 5, 5))
+    b = a + 0.08 * rng.standard_normal(a.shape)
+    ref = np.array([_skimage_ssim_one_window(a[i, 0], b[i, 0]) for i in range(4)])
+    got = patch_ssim(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-10)
+    flat = torch.full((1, 1, 5, 5), 0.4)  # a flat anchor: range 1
+    np.testing.assert_allclose(patch_ssim(flat, flat + 0.1).numpy(),
+                               [_skimage_ssim_one_window(flat[0, 0].numpy(), flat[0, 0].numpy() + 0.1)], rtol=1e-6)
+    # not symmetric: the range is the first (anchor) patch's
+    assert not torch.allclose(patch_ssim(torch.from_numpy(a), torch.from_numpy(b)),
+                              patch_ssim(torch.from_numpy(b), torch.from_numpy(a)))

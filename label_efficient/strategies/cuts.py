@@ -4,7 +4,8 @@ Stage 1 (``cuts``, label-free), per step, images scaled to [−1, 1]:
   1. z = f(x): an embedding per pixel (the backbone's last full-resolution feature map, tap ``decoder``;
      ``cuts_cnn`` is the paper's 4 × conv5×5 network that never downsamples)
   2. per image, S anchors at least P//2 from the border; each anchor's positive: the first of up to 20 random
-     pixels within ±P whose P×P patch has SSIM > 0.5 with the anchor's, else the diagonal neighbour
+     pixels within ±P whose P×P patch has SSIM > 0.5 with the anchor's (data range: the anchor patch's own
+     max − min, as the official ``range_aware_ssim``), else the diagonal neighbour
   3. L_NCE: NT-Xent over the 2S rows [z_a; z_p] of each image (positive = the partner, negatives = all other
      rows), τ = 0.1
   4. L_recon: an MLP (L → C·P² → LeakyReLU → C·P²) predicts the anchor's P×P×C image patch from z_a; MSE
@@ -40,13 +41,21 @@ from ..transforms.condensation import diffusion_condensation, silhouette
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 
 
-def patch_ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """SSIM of patch pairs (…, C, P, P) from each patch's own mean, variance and covariance (one window)."""
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+def patch_ssim(a: torch.Tensor, b: torch.Tensor, data_range: float | torch.Tensor | None = None) -> torch.Tensor:
+    """SSIM of patch pairs (…, C, P, P) from each patch's own mean, variance and covariance (one window).
+
+    As the official ``range_aware_ssim`` (skimage ``structural_similarity``, whose default 7×7 window is cut to the
+    5×5 patch, so one window): the data range is the *first* (anchor) patch's own max − min, 1 where that patch is
+    flat, and the (co)variances are the sample ones (÷ (N − 1)). ``data_range`` overrides the range."""
     dims = (-3, -2, -1)
+    if data_range is None:
+        data_range = a.amax(dims) - a.amin(dims)
+        data_range = torch.where(data_range > 0, data_range, torch.ones_like(data_range))
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    count = a.shape[-3] * a.shape[-2] * a.shape[-1]
     ma, mb = a.mean(dims), b.mean(dims)
-    va, vb = a.var(dims, unbiased=False), b.var(dims, unbiased=False)
-    cov = ((a - ma[..., None, None, None]) * (b - mb[..., None, None, None])).mean(dims)
+    va, vb = a.var(dims, unbiased=True), b.var(dims, unbiased=True)
+    cov = ((a - ma[..., None, None, None]) * (b - mb[..., None, None, None])).sum(dims) / (count - 1)
     return ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
 
 
@@ -98,7 +107,7 @@ class CUTS(Strategy):
     needs_labeled = False
     needs_unlabeled = True
     label_free = True
-    requires_intensity = "unit"  # x·2 − 1 to [-1, 1] and SSIM with data range 2
+    requires_intensity = "unit"  # x·2 − 1 to [-1, 1], as the paper
     segments = False
 
     class Config(StrategyConfig):

@@ -2,9 +2,11 @@
 
 Points repeatedly move to their diffusion-weighted local mean, c ← P c with P the row-normalised Gaussian affinity
 whose bandwidth ε grows a little every iteration, and points closer than a merge distance fuse into one weighted
-point. Every change of the partition is one *level*: a coarse-to-fine hierarchy
-from many clusters to one, without fixing the number of clusters. Our implementation (the official code calls the
-multiscale_phate package, which the spec marks incidental): exact pairwise affinities on the current cluster
+point. Every change of the partition is one *level*: a fine-to-coarse hierarchy from many clusters to one, without
+fixing the number of clusters. The starting partition, every point its own cluster, is not a level: the official
+code drops it (``levels = levels[1:]``, "ignore finest resolution of all-distinct labels") before anything reads
+the hierarchy, its persistent map included. Our implementation (the official code calls the multiscale_phate
+package, which the spec marks incidental): exact pairwise affinities on the current cluster
 centroids, which stay few after the first merges.
 """
 from __future__ import annotations
@@ -30,7 +32,8 @@ def _fuse(c: torch.Tensor, w: torch.Tensor, assign: np.ndarray, radius: float):
 
 def diffusion_condensation(x: torch.Tensor, growth: float = 1.1, merge_fraction: float = 1e-3,
                            max_iter: int = 1000) -> list[np.ndarray]:
-    """Cluster labels of the rows of ``x`` (n, d) at every level, fine → coarse, ending with a single cluster.
+    """Cluster labels of the rows of ``x`` (n, d) at every level, fine → coarse, ending with a single cluster; the
+    all-distinct start is not returned (as the official code).
 
     Rows are L2-normalised first. The Gaussian bandwidth ε starts at the median nearest-neighbour distance and
     grows by ``growth`` each iteration, so structure merges scale by scale; points fuse when closer than
@@ -42,7 +45,8 @@ def diffusion_condensation(x: torch.Tensor, growth: float = 1.1, merge_fraction:
     radius = merge_fraction * float(d0.median().clamp_min(1e-12))
     eps = float(d0.fill_diagonal_(float("inf")).min(1).values.median().clamp_min(radius))
     c, w, assign = _fuse(c, torch.ones(n, dtype=c.dtype), np.arange(n), radius)
-    levels = [assign.copy()]
+    # the all-distinct start is no level (official: levels[1:]); points fused at once (duplicates) make one
+    levels = [assign.copy()] if len(c) < n else []
     for _ in range(max_iter):
         if len(c) == 1:
             break
@@ -53,8 +57,8 @@ def diffusion_condensation(x: torch.Tensor, growth: float = 1.1, merge_fraction:
         c, w, assign = _fuse(c, w, assign, radius)
         if len(c) < before:
             levels.append(assign.copy())
-    if len(np.unique(levels[-1])) > 1:  # max_iter reached: close the hierarchy with everything in one cluster
-        levels.append(np.zeros(n, dtype=levels[-1].dtype))
+    if not levels or len(np.unique(levels[-1])) > 1:  # max_iter reached (or one point): close with one cluster
+        levels.append(np.zeros(n, dtype=np.int64))
     return levels
 
 
@@ -82,12 +86,17 @@ def silhouette(x: torch.Tensor, labels: np.ndarray, max_points: int = 2000) -> f
 def persistent_label(levels: list[np.ndarray], min_area: float = 0.01, min_levels: int = 2) -> np.ndarray:
     """CUTS' label-free "persistent" map (official ``get_persistent_structures``): one map from the whole hierarchy.
 
-    A cluster keeps its identity through a merge when it holds the merged cluster's first pixel (the
-    representative that survives). Per identity, over every level but the coarsest (as the official code): the
-    number of levels it appears in and its largest-area level.
+    ``levels``: fine → coarse, *without* the all-distinct partition (as :func:`diffusion_condensation` returns them
+    and as the official code passes them). Were it included, every identity would count one level more, so
+    ``min_levels=2`` would keep clusters that lived one level. A cluster keeps its identity through a merge when it
+    holds the merged cluster's first pixel (the representative that survives; the official identity is the
+    multiscale_phate label value). Per identity, over every level but the coarsest (as the official code): the
+    number of levels it appears in and its largest-area level (the first one, on ties).
     Identities covering < ``min_area`` of the image or present in < ``min_levels`` levels are dropped; the rest are
-    painted at their largest extent in order of area, larger first (ties: more persistent first), so finer
-    persistent structures stay visible on top of the coarse ones. Returns labels 0…K−1 in painting order."""
+    painted at their largest extent in order of area, larger first (ties: more persistent first, then identity),
+    so finer persistent structures stay visible on top of the coarse ones. Returns labels 0…K−1 in painting order;
+    pixels no kept identity covers are 0 too, i.e. they join the first-painted one (the official map starts at 0
+    as well, which there joins whichever identity has label value 0)."""
     n = levels[0].size
     seen: dict[int, list] = {}  # identity → [levels present, largest area, level of the largest area]
     for i, lab in enumerate(levels[:-1] if len(levels) > 1 else levels):
