@@ -153,3 +153,55 @@ def test_readme_plain_loop_runs():
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["logits"].shape == (1, 4, 128, 128)
     assert torch.isfinite(scope["out"].loss)
+
+
+def test_mean_teacher_ema_averages_parameters_only_and_teacher_bn_follows_its_own_inputs():
+    """SSL4MIS ``update_ema_variables``: ema_param ← α·ema_param + (1 − α)·param over ``parameters()`` only; its
+    ema_model stays in train mode, so its BN running statistics move with its own (noisy) forwards and never see
+    the student's."""
+    import copy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 3, 1))
+    s = MeanTeacher(net, 3, ema_decay=0.9)
+    s.setup(10)
+    s.train()
+    opt = torch.optim.SGD(s.trainable_parameters(), lr=0.1)
+    seen = []
+    s.teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    before = copy.deepcopy(s.teacher)
+    batch = {"labeled": disc_batch(2, 0), "unlabeled": disc_batch(2, 1, False)}
+    out = s.training_step(batch, 0)
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
+    # the reference: the pre-step teacher run once in train mode on the input it was given (SSL4MIS ema_model(x_u + ξ))
+    with torch.no_grad():
+        before.train()(seen[0])
+    buffers = [b.clone() for b in s.teacher.buffers()]
+    for t, r in zip(buffers, before.buffers()):
+        assert torch.equal(t, r)
+    t_params = [p.clone() for p in s.teacher.parameters()]
+    s.after_optimizer_step(0)
+    for t, t0, p in zip(s.teacher.parameters(), t_params, s.model.parameters()):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * p, atol=1e-7)
+    for t, b in zip(s.teacher.buffers(), buffers):  # the EMA leaves BN statistics alone
+        assert torch.equal(t, b)
+    assert not torch.allclose(s.teacher[1].running_mean, s.model[1].running_mean)
+    # an eval-mode teacher (beyond SSL4MIS) has no forward that updates them: it averages the student's
+    e = MeanTeacher(copy.deepcopy(net), 3, ema_decay=0.9, teacher_eval_mode=True)
+    with torch.no_grad():
+        e.model[1].running_mean.fill_(1.0)
+    e.after_optimizer_step(0)
+    assert torch.allclose(e.teacher[1].running_mean, 0.9 * net[1].running_mean + 0.1)
+
+
+def test_acdc_mean_teacher_recipe_decays_the_lr_as_ssl4mis():
+    from pathlib import Path
+
+    from label_efficient.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "acdc_mean_teacher.yaml")
+    opt = recipe.stages[0].optimizer
+    assert (opt.name, opt.lr, opt.schedule, opt.poly_power) == ("sgd", 0.01, "poly", 0.9)

@@ -2,10 +2,18 @@
 
 Per step: L = L_sup(student(x_l), y_l) + λ(t)·MSE(softmax(student(x_u)), softmax(teacher(x_u + ξ))),
 with ξ = clip(N(0, 0.1²), −0.2, 0.2), λ(t) = w·exp(−5(1 − t/T)²) (sigmoid ramp-up) and, after the
-optimizer step, θ_T ← α θ_T + (1 − α) θ_S including BN statistics.
+optimizer step, θ_T ← α θ_T + (1 − α) θ_S over the *parameters only*, as SSL4MIS's ``update_ema_variables``
+(``ema_model.parameters()``). Its teacher is never put in eval mode, so its BN running statistics are its own: each
+teacher forward (train mode, on x_u + ξ) moves them by BN's momentum, and the student's are never copied or averaged
+in. They only matter for a teacher that predicts in eval mode (``teacher_eval_mode``, beyond SSL4MIS): then the
+teacher's own forwards no longer update them, so the EMA also averages the floating BN buffers (and copies
+``num_batches_tracked``). SSL4MIS decays the learning rate as 0.01·(1 − t/T)^0.9 (``schedule: poly``,
+``poly_power: 0.9``, as ``recipes/acdc_mean_teacher.yaml``).
 Departure: α is constant from step 0; SSL4MIS warms it up as min(1 − 1/(t+1), α). The teacher starts as a copy of
 the student, so the two differ only while the student moves fast in the first ~100 steps (all rows in
-``benchmarks/RESULTS.md`` use the constant α).
+``benchmarks/RESULTS.md`` use the constant α). SSL4MIS also zeroes the consistency loss for its first 1000
+iterations (of 30000) and ramps λ over epochs of 150 iterations; we ramp from step 0 over ``rampup_fraction`` of
+the stage.
 Option beyond SSL4MIS (off by default): ``student_view="strong"`` feeds the student a photometric strong view of
 x_u (kornia, on device) while the teacher keeps the weak one, as in weak/strong consistency methods.
 """
@@ -73,4 +81,6 @@ class MeanTeacher(Strategy):
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(), "w_cons": weight})
 
     def after_optimizer_step(self, step):
-        ema_update(self.teacher, self.model, self.config.ema_decay)
+        # SSL4MIS: parameters only (the train-mode teacher keeps BN statistics of its own inputs); an eval-mode
+        # teacher has no forward of its own that updates them, so it averages the student's
+        ema_update(self.teacher, self.model, self.config.ema_decay, buffers=self.config.teacher_eval_mode)
