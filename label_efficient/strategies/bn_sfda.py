@@ -11,16 +11,16 @@ Which parameters train is ``train_params`` (default: BN affine only, Tent-like).
 weight is not included. Defaults marked R in the spec are our recommendations (η₀ 0.1, λ 1, Adam 1e-4).
 
 What this amounts to with the paper's loss (summed L1 anchor, λ = 1): the entropy term cannot move γ/β, so the
-method acts as AdaBN with a decaying momentum (step 1 above, alone). L_HBS is a *sum* over channels of (1 + α) ≥ 1 times
-an L1 distance, so once γ^T ≠ γ^S each γ/β gets an anchor gradient of magnitude 1 + α_lc ∈ [1, 2], while L_SE is a
-*mean* over the batch's pixels whose gradient per BN parameter is orders of magnitude smaller (issue 26's audit
-measured it at 4.5e-6 of the anchor's gradient; 5e-3 on the test suite's 8…32-channel U-Net). At T = S the L1
-subgradient is 0, so the first step follows the entropy; after it the anchor's sign flips every step and, with Adam,
-each γ/β oscillates within about one learning rate of its source value (measured on the test U-Net, Adam 1e-4, 60
-steps: max |γ^T − γ^S| = 3e-5; the same steps with λ = 0 leave γ/β exactly at the source values). The benchmark's
-"no entropy" rows equal the λ = 1 rows for that reason. To let L_SE act, raise λ by several orders (λ = 1000 is a
-row in ``benchmarks/RESULTS.md``) or use ``train_params: all``. We keep the paper's form: the spec gives the
-loss as stated (P) and λ is not verified.
+method acts as AdaBN with a decaying momentum (step 1 above, alone). L_HBS is a *sum* over channels of (1 + α_lc)
+times an L1 distance, so once γ^T ≠ γ^S each γ/β gets an anchor gradient of magnitude 1 + α_lc ≥ 1 (α averages 1
+over a layer's channels), while L_SE is a *mean* over the batch's pixels whose gradient per BN parameter is orders
+of magnitude smaller (issue 26's audit measured it at 4.5e-6 of the anchor's gradient; 5e-3 on the test suite's
+8…32-channel U-Net). At T = S the L1 subgradient is 0, so the first step follows the entropy; after it the anchor's
+sign flips every step and, with Adam, each γ/β oscillates within about one learning rate of its source value
+(measured on the test U-Net, Adam 1e-4, 60 steps: max |γ^T − γ^S| = 3e-5; the same steps with λ = 0 leave γ/β
+exactly at the source values). The benchmark's "no entropy" rows equal the λ = 1 rows for that reason. To let L_SE
+act, raise λ by several orders (λ = 1000 is a row in ``benchmarks/RESULTS.md``) or use ``train_params: all``. We
+keep the paper's form: the spec gives the loss as stated (P) and λ is not verified.
 """
 from __future__ import annotations
 
