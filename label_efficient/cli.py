@@ -23,9 +23,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .recipe import load_recipe
+    from .recipe import RecipeError, load_recipe
     from .sweep import grid, run_sweep
 
+    if args.seeds < 1:
+        raise RecipeError(f"--seeds must be at least 1, got {args.seeds}")
     recipes = [load_recipe(r, args.set) for r in args.recipes]
     cells = grid(recipes, [b.strip() for b in args.budgets.split(",")], args.seeds,
                  [s.strip() for s in args.strategies.split(",")] if args.strategies else ())
@@ -38,17 +40,22 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from .errors import OutputError
     from .evaluation import evaluate
+    from .preflight import check_split
     from .recipe import load_recipe
     from .runner import DataContext, load_for_evaluation
     from .utils import atomic_write_json
 
     recipe = load_recipe(args.recipe, args.set)
+    if args.output and Path(args.output).resolve() in (Path(args.model).resolve(), Path(args.recipe).resolve()):
+        raise OutputError(f"--output {args.output} is an input of this command; write the metrics elsewhere")
     ctx = DataContext.build(recipe.stage_data(len(recipe.stages) - 1), recipe.seed)
+    check_split(ctx.spec, args.split, "--split", ctx.cfg.domain)
     model = load_for_evaluation(recipe, ctx, args.model)
     vols = ctx.volumes(args.split, None)
     metrics = evaluate(model, vols, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
-                       recipe.evaluation.metrics, roi_size=ctx.cfg.patch_size)
+                       recipe.evaluation.metrics, roi_size=ctx.cfg.patch_size, overlap=recipe.evaluation.sw_overlap)
     metrics = {"mean_dice": metrics["mean_dice"], **metrics, "split": args.split, "model": str(args.model)}
     if args.output:
         atomic_write_json(args.output, metrics)
@@ -135,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("label_efficient").setLevel(logging.INFO)
+    from .errors import UserError
+
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except UserError as e:  # bad input: its message is the whole report; anything else keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

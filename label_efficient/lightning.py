@@ -15,10 +15,11 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from .data.loaders import EvalVolume
+from .errors import CheckpointError
 from .evaluation import case_metrics, flip_consistency, predict_volume
 from .recipe import OptimizerConfig
 from .strategies.base import NonFiniteLossError, Strategy
-from .utils import atomic_torch_save, atomic_write_text, seed_everything
+from .utils import atomic_torch_save, atomic_write_text, fault_point, seed_everything
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,7 +47,7 @@ class ResumableCSVLogger(CSVLogger):
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 header = list(reader.fieldnames or [])
-                kept = [r for r in reader if r.get("step") and int(float(r["step"])) < self._resume_step]
+                kept = [r for r in reader if _step_of(r) is not None and _step_of(r) < self._resume_step]
         writer = super().experiment  # removes metrics.csv
         if kept and hasattr(writer, "metrics_keys"):  # rank 0 only (other ranks get a dummy writer)
             writer.metrics_keys = sorted(header)  # the writer appends rows in this column order
@@ -56,6 +57,14 @@ class ResumableCSVLogger(CSVLogger):
             w.writerows(kept)
             atomic_write_text(path, text.getvalue())
         return writer
+
+
+def _step_of(row: dict) -> int | None:
+    """The step of a ``metrics.csv`` row, or None for a row a kill cut short."""
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None
 
 
 def build_optimizer(params, cfg: OptimizerConfig, total_steps: int):
@@ -143,6 +152,7 @@ class StrategyModule(pl.LightningModule):
         return self.global_step // self.optimizer_steps_per_step
 
     def training_step(self, batch, batch_idx):
+        fault_point("step")
         if not self.automatic_optimization:
             return self._manual_step(batch)
         out = self.strategy.training_step(batch, self.global_step)
@@ -236,8 +246,8 @@ class StrategyModule(pl.LightningModule):
         self._seconds_before = float(checkpoint.get("label_efficient_train_seconds", 0.0))
 
 
-class CheckpointMismatchError(ValueError):
-    pass
+class CheckpointMismatchError(CheckpointError):
+    """Weights saved for another backbone, class count or dimensionality."""
 
 
 def check_meta(saved: dict, expected: dict, what: str) -> None:

@@ -1,6 +1,14 @@
-"""Inference on files: an image folder (PNG/JPG/TIFF) or NIfTI file/folder in, masks out in the same format."""
+"""Inference on files: an image folder (PNG/JPG/TIFF) or NIfTI file/folder in, masks out in the same format.
+
+Nothing the user gave is overwritten: the output folder may not be the input folder or hold an input file, two
+inputs that would write the same mask are refused, and a folder is written into only when it is empty or holds
+an earlier prediction of the same model (``predictions.json`` records which), so an interrupted ``predict``
+re-run into its folder finishes it and a prediction of another model is never mixed in.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +19,69 @@ from .data.store import resize_image
 from .evaluation import predict_volume
 from .ood import DEFAULT_SCORE, OODDetector, pooled_features
 from .data.loaders import EvalVolume
-from .utils import atomic_write_bytes
+from .errors import OutputError
+from .outputs import remove_partial_writes
+from .utils import atomic_write_bytes, atomic_write_json, fault_point
+
+
+MANIFEST = "predictions.json"
 
 
 def _inputs(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"input {path} does not exist")
-    files = [p for p in sorted(path.iterdir()) if p.name.lower().endswith(IMAGE_SUFFIXES + (".nii", ".nii.gz"))]
+        raise DataError(f"input {path} does not exist")
+    files = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")
+             and p.name.lower().endswith(IMAGE_SUFFIXES + (".nii", ".nii.gz"))]
     if not files:
         raise DataError(f"no image or NIfTI file in {path}")
     return files
+
+
+def _mask_name(f: Path, spatial_dims: int) -> str:
+    return f.name if spatial_dims == 3 else f"{f.name.rsplit('.', 1)[0]}.png"
+
+
+def _plan_outputs(files: list[Path], input_path: Path, output: Path, spatial_dims: int) -> dict[Path, Path]:
+    """``{input: mask path}``, refusing any plan that would overwrite an input or write one mask twice."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"--output {output} is a file; give a folder")
+    if output.resolve() == (input_path if input_path.is_dir() else input_path.parent).resolve():
+        raise OutputError(f"--output {output} is the input folder: the masks would overwrite or mix with the "
+                          "images; choose another folder")
+    plan, by_mask = {}, {}
+    for f in files:
+        mask = output / _mask_name(f, spatial_dims)
+        if mask.name in by_mask:
+            raise DataError(f"{by_mask[mask.name].name} and {f.name} would both be written as {mask.name}: rename "
+                            "one of them")
+        by_mask[mask.name], plan[f] = f, mask
+    inputs = {f.resolve() for f in files}
+    clash = [m for m in plan.values() if m.resolve() in inputs]
+    if clash:
+        raise OutputError(f"--output {output}: mask {clash[0]} would overwrite an input; choose another folder")
+    return plan
+
+
+def _claim_output(output: Path, model_path: Path) -> dict:
+    """Check ``output`` may be written for this model (see the module docstring) and record the claim."""
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    manifest = output / MANIFEST
+    if manifest.is_file():
+        try:
+            before = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            before = {}
+        if before.get("model_sha256") != digest:
+            raise OutputError(f"--output {output} holds the predictions of another model ({before.get('model')}); "
+                              "choose another folder")
+    elif output.is_dir() and any(not p.name.startswith(".") for p in output.iterdir()):
+        raise OutputError(f"--output {output} already holds files that predict did not write; choose an empty or "
+                          "new folder")
+    claim = {"model": str(model_path.resolve()), "model_sha256": digest, "complete": False}
+    atomic_write_json(manifest, claim)
+    return claim
 
 
 def predict_path(model_path: str | Path, input_path: str | Path, output: str | Path) -> int:
@@ -31,12 +90,16 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
 
     model, blob = load_bundle(model_path)
     meta, data = blob["meta"], blob["data"]
-    output = Path(output)
+    output, input_path = Path(output), Path(input_path)
+    plan = _plan_outputs(_inputs(input_path), input_path, output, meta["spatial_dims"])
     output.mkdir(parents=True, exist_ok=True)
+    claim = _claim_output(output, Path(model_path))
+    remove_partial_writes(output)
     detector = OODDetector.from_state(blob["ood"]) if blob.get("ood") else None
     ood_rows = []
     n = 0
-    for f in _inputs(Path(input_path)):
+    for f, mask_path in plan.items():
+        fault_point("predict")
         is_nifti = f.name.lower().endswith((".nii", ".nii.gz"))
         if meta["spatial_dims"] == 3:
             if not is_nifti:
@@ -46,7 +109,7 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
                 image = (image - image.mean()) / max(float(image.std()), 1e-8)
             vol = EvalVolume(f.name, torch.from_numpy(image.astype(np.float32))[None], None, [], image.shape[1:])
             pred = predict_volume(model, vol, 3, roi_size=data["patch_size"])
-            _write_nifti(f, pred, output / f.name)
+            _write_nifti(f, pred, mask_path)
         else:
             if is_nifti:
                 raise DataError(f"{f}: a 2D model takes image files (PNG/JPG/TIFF)")
@@ -54,7 +117,7 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
             x = torch.from_numpy(resize_image(image, data["image_size"]))[None]
             vol = EvalVolume(f.stem, x, None, [], image.shape[1:])
             pred = predict_volume(model, vol, 2, multiple=getattr(model, "stride", 1))[0]
-            _write_png(pred.astype(np.uint8), output / f"{f.stem}.png")
+            _write_png(pred.astype(np.uint8), mask_path)
             if detector is not None:
                 sc = detector.score(pooled_features(model, [x]))
                 ood_rows.append((f.name, float(sc["mahalanobis"][0]), float(sc["knn"][0]), bool(detector.flag(sc)[0])))
@@ -67,6 +130,7 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
               f"({DEFAULT_SCORE} feature distance above the val threshold; it does not tell which masks are wrong): "
               f"{', '.join(flagged[:10])}" if flagged else
               f"OOD check: all {len(ood_rows)} image(s) within the training domain's range")
+    atomic_write_json(output / MANIFEST, {**claim, "complete": True, "masks": {m.name: str(f) for f, m in plan.items()}})
     return n
 
 
@@ -87,4 +151,5 @@ def _write_nifti(reference: Path, mask: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(mask.astype(np.uint8), ref.affine)
     tmp = path.with_name(f".{path.name}.tmp.nii.gz")
     nib.save(img, str(tmp))
+    fault_point(f"write:{path.name}")
     tmp.replace(path)

@@ -4,7 +4,16 @@ from __future__ import annotations
 import difflib
 from typing import Generic, Iterator, TypeVar
 
+from .errors import UserError
+
 T = TypeVar("T")
+
+
+class UnknownNameError(UserError, KeyError):
+    """A name no registry entry has (a strategy, backbone or dataset); the message lists the available ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def did_you_mean(name: str, choices) -> str:
@@ -35,7 +44,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         key = str(name).lower()
         if key not in self._items:
-            raise KeyError(
+            raise UnknownNameError(
                 f"Unknown {self.kind} '{name}'.{did_you_mean(key, self._items)} "
                 f"Available: {', '.join(sorted(self._items))}."
             )

@@ -12,6 +12,8 @@ Output folder::
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from typing import Iterator
 import json
 import logging
 import resource
@@ -22,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from .backbones import build_backbone, load_parts
 from .backbones.rotated_heads import rebuild as rebuild_inference
@@ -32,14 +33,17 @@ from .data.aux_masks import build_aux_masks
 from .data.loaders import MaskStream, volume_loader
 from .data.readers import DataError
 from .data.synthetic import generate_pairs, load_pairs
+from .errors import CheckpointError, UserError
 from .evaluation import evaluate
+from .outputs import prepare as prepare_output, recipe_hash
+from .preflight import check_recipe
 from .ood import OODDetector, pooled_features
 from .precision import log_choice
 from .lightning import (AtomicCheckpointIO, CheckpointMismatchError, ResumableCSVLogger, StrategyModule, check_meta,
                         load_state)
 from .recipe import DataConfig, Recipe
 from .strategies import STRATEGIES, Strategy
-from .utils import (atomic_torch_save, atomic_write_json, atomic_write_text, barrier, global_rank, seed_everything,
+from .utils import (atomic_torch_save, atomic_write_json, barrier, global_rank, seed_everything, torch_load,
                     use_channels_last)
 
 log = logging.getLogger("label_efficient")
@@ -104,12 +108,12 @@ def load_for_evaluation(recipe: Recipe, ctx: DataContext, path: str | Path) -> t
     stage's strategy rebuilt from ``recipe`` and restored, then ``export_inference()`` (e.g. UPL-SFDA's head
     ensemble), in eval mode."""
     if str(path).endswith(".ckpt"):
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch_load(path, "checkpoint")
         saved = blob.get("label_efficient", {})
         check_meta(saved, {"backbone": recipe.backbone.name, **ctx.meta}, str(path))
         stages = {st.name or st.strategy: st for st in recipe.stages}
         if saved.get("stage") not in stages:
-            raise ValueError(f"{path} is a checkpoint of stage '{saved.get('stage')}', which recipe '{recipe.name}' "
+            raise CheckpointError(f"{path} is a checkpoint of stage '{saved.get('stage')}', which recipe '{recipe.name}' "
                              f"does not have (its stages: {list(stages)}): pass the recipe that wrote it")
         stage = stages[saved["stage"]]  # the stage's strategy, rebuilt: its test-time network (e.g. an ensemble)
         strategy = STRATEGIES.get(stage.strategy)(build_model(recipe, ctx), ctx.spec.num_classes, stage.config)
@@ -158,10 +162,8 @@ def _init_weights(model: torch.nn.Module, init: str, previous: dict | None, meta
         if previous.get("parts") is not None:
             return _load_parts(model, state, previous["parts"], stage)
     else:
+        blob = torch_load(init, f"stage '{stage}': init checkpoint")
         path = Path(init)
-        if not path.is_file():
-            raise FileNotFoundError(f"stage '{stage}': init checkpoint {path} not found")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
         check_meta(blob.get("label_efficient", blob.get("meta", {})), meta, str(path))
         state = blob["state_dict"]
         if blob.get("parts") is not None:  # a pre-training bundle: only its trained parts pass on
@@ -226,7 +228,7 @@ def _strategy_keys(state_dict: dict) -> dict:
 
 
 def _strategy_state(ckpt_path: Path) -> dict:
-    return _strategy_keys(torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
+    return _strategy_keys(torch_load(ckpt_path)["state_dict"])
 
 
 def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
@@ -237,11 +239,9 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
     out, rank0 = Path(out), global_rank() == 0  # under DDP every process runs this function; rank 0 writes
-    if rank0 and out.exists() and any(out.iterdir()) and not resume:
-        raise FileExistsError(f"output folder {out} is not empty; pass --resume to continue it or choose another --out")
+    check_recipe(recipe)  # every problem knowable before training, before anything is written
     if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        prepare_output(out, recipe, resume)
     t_start = time.time()
     precision = log_choice(recipe.trainer.precision, recipe.trainer.accelerator)
     previous: dict | None = None
@@ -252,9 +252,6 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         strategy_cls = STRATEGIES.get(stage.strategy)
         ctx = DataContext.build(recipe.stage_data(i), recipe.seed, source_free=strategy_cls.source_free,
                                 label_free=strategy_cls.label_free)
-        if strategy_cls.requires_intensity not in (None, ctx.spec.intensity):
-            raise DataError(f"stage '{name}': strategy '{stage.strategy}' assumes {strategy_cls.requires_intensity!r} "
-                            f"image intensities, but dataset '{ctx.spec.name}' is {ctx.spec.intensity!r}-normalised")
         meta = {"backbone": recipe.backbone.name, **ctx.meta, "stage": name, "strategy": stage.strategy}
         seed_everything(recipe.seed + i)
         model = build_model(recipe, ctx)
@@ -290,8 +287,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                        if select == "label_free" and stage.init != "none" else None)
             last = sdir / "last.ckpt"
             resume_from = last if resume and last.exists() else None
-            resume_step = (torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"]
-                           if resume_from else None)
+            resume_step = torch_load(resume_from)["global_step"] if resume_from else None
             trainer = pl.Trainer(
                 accelerator=recipe.trainer.accelerator, devices=recipe.trainer.devices, strategy=recipe.trainer.strategy,
                 precision=precision, max_steps=stage.steps * per_step, max_epochs=-1, callbacks=[last_ckpt, ckpt] if val else [last_ckpt],
@@ -304,9 +300,10 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
                 warnings.filterwarnings("ignore", ".*does not have many workers.*")
                 warnings.filterwarnings("ignore", ".*IterableDataset.*|.*num_workers.*|.*LeafSpec.*|.*val_dataloader.*"
                                                   "|.*manual optimization and every_n_train_steps.*")
-                trainer.fit(module, train_dataloaders=train_loader(batches, ctx.cfg.num_workers),
-                            val_dataloaders=volume_loader(val) if val else None,
-                            ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+                with out_of_memory_named(name, ctx.cfg, stage.batch_size):
+                    trainer.fit(module, train_dataloaders=train_loader(batches, ctx.cfg.num_workers),
+                                val_dataloaders=volume_loader(val) if val else None,
+                                ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
             if stage.steps % stage.val_every:  # the final steps after the last full epoch (not validated)
                 trainer.save_checkpoint(last)
             best_path = Path(ckpt.best_model_path) if val and ckpt.best_model_path else last
@@ -352,7 +349,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
             sc = detector.score(pooled_features(exported, [vol.image], device))
             metrics["cases"][vol.id]["ood"] = {k: float(v.mean()) for k, v in sc.items()}
             metrics["cases"][vol.id]["ood"]["flagged"] = bool(detector.flag(sc).any())
-    metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split,
+    metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split, "recipe_sha256": recipe_hash(recipe),
                **_run_summary(stage_reports, t_start), "skipped_corrupt": ctx.store.skipped}
     save_bundle(out / "model.pt", strategy.export_inference(), recipe, ctx, detector)
     atomic_write_json(out / "metrics.json", metrics)
@@ -361,6 +358,23 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     overlays(test, predictions, ctx, out / "overlays")
     learning_curve(out, out / "learning_curve.png")
     return metrics
+
+
+@contextmanager
+def out_of_memory_named(stage: str, data: DataConfig, batch) -> Iterator[None]:
+    """Turn an allocation failure into a message naming the sizes that caused it and the keys to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(e):
+            raise
+        size = f"data.patch_size {data.patch_size}" if data.patch_size else f"data.image_size {data.image_size}"
+        raise OutOfMemory(f"stage '{stage}' ran out of memory with {size} and batch {batch.labeled} labelled + "
+                          f"{batch.unlabeled} unlabelled: lower them (or stages.<i>.batch_size)") from None
+
+
+class OutOfMemory(UserError, MemoryError):
+    """Training did not fit in the device's memory at the recipe's sizes."""
 
 
 def _run_summary(stage_reports: list[dict], t_start: float) -> dict:
@@ -404,9 +418,10 @@ def save_bundle(path: Path, model: torch.nn.Module, recipe: Recipe, ctx: DataCon
 
 def load_bundle(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Load ``model.pt`` (weights only) and rebuild its network (or the strategy's inference ensemble)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = torch_load(path, "model")
     if blob.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{path} is not a label-efficient model bundle (format {blob.get('format')!r})")
+        raise CheckpointError(f"{path} is not a label-efficient model bundle (format {blob.get('format')!r}); pass "
+                              "the model.pt of a run")
     m, b = blob["meta"], blob["backbone"]
     model = build_backbone(b["name"], m["spatial_dims"], m["in_channels"], m["num_classes"],
                            tap_points=b["tap_points"], **b["kwargs"])

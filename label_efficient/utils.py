@@ -43,6 +43,46 @@ def barrier() -> None:
         dist.barrier()
 
 
+#: fault-injection tests set ``name@n``: the process kills itself (SIGKILL) the n-th time it reaches ``name``
+KILL_AT = "LABEL_EFFICIENT_KILL_AT"
+_reached: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A named point where fault-injection tests may kill the process (``$LABEL_EFFICIENT_KILL_AT``); a no-op
+    otherwise. Names: ``step`` (each training step), ``write:<file name>`` (an atomic write, after its temporary
+    file is written and before it is renamed), ``evaluate`` (each test case), ``predict`` (each input file)."""
+    target = os.environ.get(KILL_AT)
+    if not target:
+        return
+    want, _, nth = target.partition("@")
+    if name != want:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] >= int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def torch_load(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """``torch.load(weights_only=True)`` of a label-efficient file; a missing, truncated or foreign file is a
+    :class:`~label_efficient.errors.CheckpointError` naming it."""
+    from .errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch raise many types for a file that is not a checkpoint
+        raise CheckpointError(f"{path} is not a label-efficient model or checkpoint (torch cannot read it: "
+                              f"{str(e).splitlines()[0][:120]})") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob:
+        raise CheckpointError(f"{path} is not a label-efficient model or checkpoint (no state_dict)")
+    return blob
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
@@ -53,6 +93,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -8,6 +8,8 @@ by explicit lists. A root is never copied: it comes from the recipe, ``$LABEL_EF
 from __future__ import annotations
 
 import csv
+import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 from ..registry import Registry
 from .readers import IMAGE_SUFFIXES, DataError
 
+log = logging.getLogger(__name__)
 DATASETS: Registry[Callable[..., "DatasetSpec"]] = Registry("dataset")
 ENV_ROOT = "LABEL_EFFICIENT_DATA"
 
@@ -135,19 +138,47 @@ def polyp_kvasir_cvc(root: str | Path | None = None) -> DatasetSpec:
 
 
 def _stems(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
-    return {p.name[: -len(s)]: p for p in sorted(folder.iterdir()) for s in suffixes if p.name.lower().endswith(s)}
+    """``{stem: file}`` of the files of ``folder`` with one of ``suffixes``; two files of one stem are an error (a
+    mask is matched by stem, and one of them would silently be dropped)."""
+    if not folder.is_dir():
+        raise DataError(f"folder {folder} does not exist")
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        suffix = next((s for s in suffixes if p.name.lower().endswith(s)), None)
+        if suffix is None or p.name.startswith("."):
+            continue
+        stem = p.name[: -len(suffix)]
+        if stem in out:
+            raise DataError(f"{out[stem]} and {p.name} share the stem '{stem}' (masks and outputs are matched by "
+                            "stem): rename or remove one")
+        out[stem] = p
+    return out
 
 
 def _split_of(stems: Sequence[str], split_csv: str | Path | None, splits: Mapping[str, Sequence[str]] | None,
               root: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(split of each stem, domain of each stem) from a CSV (columns stem|case, split, optional domain) or lists."""
     if split_csv:
-        rows = _read_csv(root / split_csv if not Path(split_csv).is_absolute() else Path(split_csv))
+        path = root / split_csv if not Path(split_csv).is_absolute() else Path(split_csv)
+        rows = _read_csv(path)
         key = "stem" if rows and "stem" in rows[0] else "case"
-        return {r[key]: r["split"] for r in rows}, {r[key]: r["domain"] for r in rows if r.get("domain")}
-    if splits:
-        return {s: name for name, ids in splits.items() for s in ids}, {}
-    return {s: "train" for s in stems}, {}
+        if not rows or key not in rows[0] or "split" not in rows[0]:
+            raise DataError(f"split file {path} needs the columns stem (or case) and split; it has "
+                            f"{list(rows[0]) if rows else 'no rows'}")
+        split, domain, where = {r[key]: r["split"] for r in rows}, {r[key]: r["domain"] for r in rows if r.get("domain")}, path
+    elif splits:
+        split, domain, where = {s: name for name, ids in splits.items() for s in ids}, {}, "data.options.splits"
+    else:
+        return {s: "train" for s in stems}, {}
+    absent = [s for s in split if s not in set(stems)]
+    if absent:
+        raise DataError(f"{where} lists {len(absent)} case(s) with no file in {root}, e.g. {absent[:3]}: add the "
+                        "files or remove them from the split")
+    unlisted = [s for s in stems if s not in split]
+    if unlisted:
+        log.warning("%d file(s) in %s are in no split of %s and are not used, e.g. %s", len(unlisted), root, where,
+                    unlisted[:3])
+    return split, domain
 
 
 @DATASETS.register("image_folder")
@@ -198,5 +229,19 @@ def h5_files(root: str | Path, num_classes: int, spatial_dims: int = 3, split_cs
 
 
 def build_dataset(name: str, root: str | Path | None = None, **options) -> DatasetSpec:
-    """Build a registered dataset definition (``label-efficient list`` shows the names)."""
-    return DATASETS.get(name)(root=root, **options)
+    """Build a registered dataset definition (``label-efficient list`` shows the names); ``options`` are checked
+    against its arguments first, so a typo in ``data.options`` names the key."""
+    from ..errors import RecipeError
+    from ..registry import did_you_mean
+
+    fn = DATASETS.get(name)
+    params = inspect.signature(fn).parameters
+    accepted = [p for p in params if p != "root"]
+    for key in options:
+        if key not in params or key == "root":
+            raise RecipeError(f"data.options: dataset '{name}' has no option '{key}'.{did_you_mean(key, accepted)} "
+                              f"Its options: {accepted or 'none'}")
+    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p != "root" and p not in options]
+    if missing:
+        raise RecipeError(f"data.options: dataset '{name}' needs {', '.join(missing)} (e.g. data.options.{missing[0]})")
+    return fn(root=root, **options)

@@ -6,35 +6,55 @@ from pathlib import Path
 import numpy as np
 
 
-class DataError(ValueError):
-    """Bad input data: the message names the file and what is wrong."""
-
-
-class CorruptFileError(DataError):
-    pass
+from ..errors import CorruptFileError, DataError  # noqa: F401  (re-exported: their historical home)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
+#: PIL modes of grey images, and the bit depth of each mode (what scales an image: 8-bit /255, else raw)
+GREY_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F")
+_DEPTH = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
+
+
+def image_depth(mode: str) -> int:
+    """Bits per sample of a PIL ``mode`` (8 for every 8-bit mode: L, RGB, P, …)."""
+    return _DEPTH.get(mode, 8)
+
+
 def read_image_2d(path: str | Path, in_channels: int = 1) -> np.ndarray:
-    """Read a 2D grey or RGB image as float32 (C, H, W) in [0, 1] (8-bit) or raw range (16-bit / float TIFF)."""
+    """Read a 2D grey or RGB image as float32 (C, H, W) in [0, 1] (8-bit) or raw range (16-bit / float TIFF).
+
+    A grey image for an RGB model is refused (its colour channels would be copies); an RGB image for a grey model is
+    converted to luminance. NaN or infinite pixels (float TIFF) are a :class:`CorruptFileError`."""
     from PIL import Image, UnidentifiedImageError
 
+    if in_channels not in (1, 3):
+        raise DataError(f"{path}: in_channels must be 1 or 3 for 2D images, got {in_channels}")
     try:
         with Image.open(path) as im:
             im.load()
+            if in_channels == 3 and im.mode in GREY_MODES:
+                raise DataError(f"{path} is a grey image (mode {im.mode}) but the model takes RGB images: "
+                                "convert it to RGB, or use a model trained on grey images")
             if in_channels == 1:
                 im = im.convert("L") if im.mode not in ("L", "I;16", "I", "F") else im
-            elif in_channels == 3:
-                im = im.convert("RGB")
             else:
-                raise DataError(f"{path}: in_channels must be 1 or 3 for 2D images, got {in_channels}")
+                im = im.convert("RGB")
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise CorruptFileError(f"cannot read image {path}: {e}") from e
     arr = arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)
+    check_finite(arr, path)
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def check_finite(array: np.ndarray, path: str | Path) -> None:
+    """Refuse NaN or infinite intensities, naming the file (they would poison every loss and statistic)."""
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise CorruptFileError(f"image {path} holds {bad} NaN or infinite value(s): fix the file, remove the case, "
+                               "or set data.on_corrupt: skip")
 
 
 def read_mask_2d(path: str | Path) -> np.ndarray:
@@ -59,9 +79,14 @@ def read_volume(path: str | Path) -> np.ndarray:
     from monai.transforms import LoadImage
 
     try:
-        return np.asarray(LoadImage(image_only=True, dtype=np.float32)(str(path)))
+        volume = np.asarray(LoadImage(image_only=True, dtype=np.float32)(str(path)))
     except Exception as e:  # MONAI raises several types for unreadable files
         raise CorruptFileError(f"cannot read volume {path}: {e}") from e
+    if volume.ndim != 3:
+        raise DataError(f"volume {path} has shape {volume.shape}: one 3D volume (X, Y, Z) per file is expected "
+                        "(split a 4D series into one file per time point or channel)")
+    check_finite(volume, path)
+    return volume
 
 
 def read_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -74,6 +99,7 @@ def read_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             label = np.asarray(f["label"]).astype(np.int64) if "label" in f else None
     except (OSError, KeyError) as e:
         raise CorruptFileError(f"cannot read HDF5 {path} (needs dataset 'image'): {e}") from e
+    check_finite(image, path)
     return image, label
 
 

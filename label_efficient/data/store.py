@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import Case, DatasetSpec
-from .readers import CorruptFileError, DataError, check_pair, read_h5, read_image_2d, read_mask_2d, read_volume
+from .readers import (CorruptFileError, DataError, check_pair, image_depth, read_h5, read_image_2d, read_mask_2d,
+                      read_volume)
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,13 @@ class CaseStore:
         self.on_corrupt = on_corrupt
         self.skipped: list[str] = []
         self._cache: dict[tuple[str, bool], Loaded] = {}
+        self._depth: tuple[int, str] | None = None  # (bit depth, first file) of the 2D images read
 
     def _read(self, case: Case, with_label: bool) -> Loaded:
         spec = self.spec
         label = None
         if spec.format == "image2d":
+            self.check_depth(case.image)
             image = read_image_2d(case.image, spec.in_channels)
             if with_label:
                 if case.mask is None:
@@ -89,6 +92,22 @@ class CaseStore:
         if spec.image_remap is not None:
             image = spec.image_remap(image, case)
         return Loaded(image, label, original, original_size)
+
+    def check_depth(self, path: str) -> None:
+        """One bit depth per dataset: 8-bit images are scaled to [0, 1] and 16-bit ones kept raw, so a folder mixing
+        them would train on two intensity scales."""
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                depth = image_depth(im.mode)
+        except OSError:
+            return  # unreadable: read_image_2d names it
+        if self._depth is None:
+            self._depth = (depth, path)
+        elif depth != self._depth[0]:
+            raise DataError(f"{path} is a {depth}-bit image but {self._depth[1]} is {self._depth[0]}-bit: 8-bit images "
+                            "are scaled to [0, 1] and 16-bit ones kept raw, so convert every image to one bit depth")
 
     def get(self, case: Case, with_label: bool) -> Loaded:
         key = (case.id, with_label)

@@ -14,31 +14,35 @@ Maps = Mapping[str, np.ndarray]
 
 
 class Augment2D:
-    """SSL4MIS/BCP weak augmentation: rot90 + flip (p=.5) or rotation ±20° (p=.25), else identity."""
+    """SSL4MIS/BCP weak augmentation: rot90 + flip (p=.5) or rotation ±20° (p=.25), else identity.
+
+    A non-square image keeps its shape: its symmetries are the flips and the half turn (a quarter turn would
+    transpose it and the batch would no longer stack)."""
 
     def __init__(self, enabled: bool = True, rotate_limit: float = 20.0):
         import albumentations as A
         import cv2
 
         self.enabled = enabled
-        self.compose = A.Compose([
-            A.OneOf([A.SquareSymmetry(p=1.0),
-                     A.Rotate(limit=rotate_limit, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5)], p=0.75)
-        ])
+        rotate = A.Rotate(limit=rotate_limit, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5)
+        self.compose = A.Compose([A.OneOf([A.SquareSymmetry(p=1.0), rotate], p=0.75)])
+        flips = A.Sequential([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)], p=1.0)
+        self.compose_rect = A.Compose([A.OneOf([flips, rotate], p=0.75)])
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int, maps: Maps | None = None):
         """``(image, label, maps)`` augmented alike; ``label`` and ``maps`` may be ``None``."""
         if not self.enabled:
             return image, label, dict(maps or {})
-        self.compose.set_random_seed(seed)
+        compose = self.compose if image.shape[1] == image.shape[2] else self.compose_rect
+        compose.set_random_seed(seed)
         hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
         names = list(maps or {})
         if not names:
-            out = self.compose(image=hwc, mask=label) if label is not None else self.compose(image=hwc)
+            out = compose(image=hwc, mask=label) if label is not None else compose(image=hwc)
             label_out, warped = out.get("mask"), []
         else:  # label and maps through one (float) path, so nearest-neighbour picks the same source pixel for all
             stack = ([label.astype(np.float32)] if label is not None else []) + [maps[k].astype(np.float32) for k in names]
-            out = self.compose(image=hwc, masks=stack)
+            out = compose(image=hwc, masks=stack)
             warped = list(out["masks"])
             label_out = np.rint(warped.pop(0)).astype(label.dtype) if label is not None else None
         img = out["image"]
@@ -48,7 +52,8 @@ class Augment2D:
 
 
 class Augment3D:
-    """Random crop of ``patch_size`` (zero-padded when the volume is smaller) + rot90/flip in-plane (MONAI)."""
+    """Random crop of ``patch_size`` (zero-padded when the volume is smaller) + rot90/flip in-plane (MONAI); no
+    quarter turn when the patch is not square in-plane."""
 
     def __init__(self, patch_size: Sequence[int], enabled: bool = True):
         from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, SpatialPadd
@@ -57,8 +62,10 @@ class Augment3D:
         self.patch_size = tuple(patch_size)
         crop = [SpatialPadd(keys, self.patch_size, allow_missing_keys=True),
                 RandSpatialCropd(keys, self.patch_size, random_size=False, allow_missing_keys=True)]
-        aug = [RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1), allow_missing_keys=True),
-               RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
+        # a quarter turn in-plane only when it keeps the patch's shape
+        turn = [RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1), allow_missing_keys=True)] \
+            if self.patch_size[0] == self.patch_size[1] else []
+        aug = turn + [RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
                RandFlipd(keys, prob=0.5, spatial_axis=1, allow_missing_keys=True)]
         self.compose = Compose(crop + (aug if enabled else []))
 

@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ..errors import UserError
 from ..registry import Registry
 
 
@@ -47,7 +48,7 @@ class StepOutput(NamedTuple):
     logs: dict[str, float]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
