@@ -41,22 +41,38 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .errors import OutputError
-    from .evaluation import evaluate
+    from .evaluation import evaluate, evaluate_ssl4mis
     from .preflight import check_split
     from .recipe import load_recipe
     from .runner import DataContext, load_for_evaluation
     from .utils import atomic_write_json
 
-    recipe = load_recipe(args.recipe, args.set)
-    if args.output and Path(args.output).resolve() in (Path(args.model).resolve(), Path(args.recipe).resolve()):
+    from .errors import RecipeError
+
+    source = Path(args.recipe)
+    if source.is_dir():  # a run folder: its own recipe, and its model.pt unless --model says otherwise
+        source, args.model = source / "recipe.resolved.yaml", args.model or str(source / "model.pt")
+    if not args.model:
+        raise RecipeError("evaluate: give --model (a model.pt or a stage checkpoint), or a run folder as RECIPE")
+    recipe = load_recipe(source, args.set)
+    if args.output and Path(args.output).resolve() in (Path(args.model).resolve(), source.resolve()):
         raise OutputError(f"--output {args.output} is an input of this command; write the metrics elsewhere")
     ctx = DataContext.build(recipe.stage_data(len(recipe.stages) - 1), recipe.seed)
     check_split(ctx.spec, args.split, "--split", ctx.cfg.domain)
     model = load_for_evaluation(recipe, ctx, args.model)
     vols = ctx.volumes(args.split, None)
-    metrics = evaluate(model, vols, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
-                       recipe.evaluation.metrics, roi_size=ctx.cfg.patch_size, overlap=recipe.evaluation.sw_overlap)
-    metrics = {"mean_dice": metrics["mean_dice"], **metrics, "split": args.split, "model": str(args.model)}
+    ev = recipe.evaluation
+    if args.protocol == "ssl4mis":
+        if ctx.spec.spatial_dims != 2:
+            raise RecipeError("--protocol ssl4mis is the published 2D (ACDC) test; this dataset is 3D")
+        metrics = evaluate_ssl4mis(model, vols, ctx.spec.num_classes, ctx.spec.class_names,
+                                   [m for m in ev.metrics if m != "assd"], intensity=ctx.spec.intensity,
+                                   image_remap=ctx.spec.image_remap)
+    else:
+        metrics = evaluate(model, vols, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims, ev.metrics,
+                           roi_size=ctx.cfg.patch_size, overlap=ev.sw_overlap, empty=ev.empty)
+    metrics = {"mean_dice": metrics["mean_dice"], **metrics, "split": args.split, "model": str(args.model),
+               "protocol": args.protocol}
     if args.output:
         atomic_write_json(args.output, metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith("mean_")}))
@@ -121,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every recipe")
     p.set_defaults(func=_cmd_sweep)
     p = sub.add_parser("evaluate", help="score a model.pt (or a stage last/best.ckpt) on a split of the recipe data")
-    p.add_argument("recipe")
-    p.add_argument("--model", required=True)
+    p.add_argument("recipe", help="the recipe, or a run folder (its recipe.resolved.yaml and model.pt)")
+    p.add_argument("--model", help="model.pt or a stage checkpoint (default with a run folder: its model.pt)")
+    p.add_argument("--protocol", choices=["default", "ssl4mis"], default="default",
+                   help="default: our evaluation (recipe.evaluation); ssl4mis: the published ACDC test (256² nearest "
+                        "zoom per slice, medpy per volume, empty class scores 0)")
     p.add_argument("--split", default="test")
     p.add_argument("--output", help="write metrics JSON here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -66,14 +66,13 @@ def check_splits(spec: DatasetSpec, data: DataConfig, where: str) -> None:
 def check_strategy_fits(name: str, spec: DatasetSpec, where: str) -> None:
     """The strategy takes the dataset's dimensionality and intensity scaling."""
     cls = STRATEGIES.get(name)
-    dims = getattr(cls, "spatial_dims", (2, 3))
-    if spec.spatial_dims not in dims:
-        takes = [n for n in STRATEGIES if spec.spatial_dims in getattr(STRATEGIES.get(n), "spatial_dims", (2, 3))]
-        raise RecipeError(f"{where}: strategy '{name}' works on {dims[0]}D images, but dataset '{spec.name}' is "
-                          f"{spec.spatial_dims}D; strategies for {spec.spatial_dims}D data: {takes}")
     if cls.requires_intensity not in (None, spec.intensity):
         raise DataError(f"{where}: strategy '{name}' assumes {cls.requires_intensity!r} image intensities, but "
                         f"dataset '{spec.name}' is {spec.intensity!r}-normalised")
+    if spec.spatial_dims not in cls.spatial_dims:
+        takes = [n for n in STRATEGIES if spec.spatial_dims in STRATEGIES.get(n).spatial_dims]
+        raise RecipeError(f"{where}: strategy '{name}' works on {cls.spatial_dims[0]}D images, but dataset "
+                          f"'{spec.name}' is {spec.spatial_dims}D; strategies for {spec.spatial_dims}D data: {takes}")
 
 
 def check_backbone(recipe: Recipe, spec: DatasetSpec) -> None:

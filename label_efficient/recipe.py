@@ -8,17 +8,14 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from .data.annotation import AnnotationConfig
 from .data.aux_masks import AuxMasksConfig
 from .data.budget import LabelBudget
 from .data.synthetic import SyntheticConfig
+from .errors import RecipeError
 from .registry import did_you_mean
-
-
-class RecipeError(ValueError):
-    """A recipe that does not validate; the message lists every problem with its dotted key."""
 
 
 class _Strict(BaseModel):
@@ -33,8 +30,8 @@ class DataConfig(_Strict):
     #: domain adaptation: the labelled stream comes from this domain's train split (with the budget) and every train
     #: image of ``domain`` joins the unlabelled stream, never labelled; val/test stay on ``domain``
     labeled_domain: str | None = None
-    image_size: list[int] | None = None  #: 2D: slices are resized to this size
-    patch_size: list[int] | None = None  #: 3D: random training crop and sliding-window size
+    image_size: list[PositiveInt] | None = Field(None, min_length=2, max_length=2)  #: 2D: images are resized to it
+    patch_size: list[PositiveInt] | None = Field(None, min_length=3, max_length=3)  #: 3D: training crop and window
     budget: LabelBudget = LabelBudget(all=True)
     annotation: AnnotationConfig = AnnotationConfig()  #: dense, or sparse slices of each labelled case (label_mask)
     synthetic: SyntheticConfig | None = None  #: generated pairs added to the labelled stream (data.synthetic)
@@ -42,12 +39,12 @@ class DataConfig(_Strict):
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str = "test"
-    max_unlabeled: int | None = None  #: subsample the unlabelled pool (deterministic), for quick runs
-    max_val_cases: int | None = None  #: evaluate on the first N validation volumes only
-    max_test_cases: int | None = None
+    max_unlabeled: int | None = Field(None, ge=0)  #: subsample the unlabelled pool (deterministic), for quick runs
+    max_val_cases: int | None = Field(None, ge=1)  #: evaluate on the first N validation volumes only
+    max_test_cases: int | None = Field(None, ge=1)
     augment: bool = True
     on_corrupt: Literal["error", "skip"] = "error"
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
 
 
 class BackboneConfig(_Strict):
@@ -105,7 +102,12 @@ class TrainerConfig(_Strict):
 
 class EvaluationConfig(_Strict):
     split: str = "test"
-    metrics: list[Literal["dice", "iou", "hd95", "asd"]] = ["dice", "iou", "hd95", "asd"]
+    #: medpy's definitions; "asd" is directed (prediction → truth), "assd" symmetric
+    metrics: list[Literal["dice", "iou", "hd95", "asd", "assd"]] = ["dice", "iou", "hd95", "asd", "assd"]
+    #: a class absent from a case's prediction and/or truth: "nan" (default: the behaviour before this setting;
+    #: distances undefined there are NaN and left out of the means, never scored as 0) or "ssl4mis" (every metric 0,
+    #: as SSL4MIS / BCP score it, for comparison with published tables); metrics.json counts them (empty_cases)
+    empty: Literal["nan", "ssl4mis"] = "nan"
     overlays: int = 4
     sw_overlap: float = 0.5  #: sliding-window overlap (3D)
 
@@ -291,19 +293,38 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"--set expects dotted.key=value, got '{item}'")
         key, value = item.split("=", 1)
         parts = key.split(".")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {key}: the value {value!r} is not valid YAML ({_yaml_problem(e)})") from None
         node: Any = raw
-        for p in parts[:-1]:
+        for depth, p in enumerate(parts):
+            where = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
             if isinstance(node, list):
-                node = node[int(p)]
+                if not p.isdigit() or int(p) >= len(node):
+                    raise RecipeError(f"--set {key}: '{'.'.join(parts[:depth]) or 'recipe'}' is a list of {len(node)} "
+                                      f"item(s), so '{p}' must be an index 0..{len(node) - 1}")
+                p = int(p)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: '{'.'.join(parts[:depth])}' is a value ({node!r}), not a section")
+            if last:
+                node[p] = parsed
             else:
-                node = node.setdefault(p, {})
-        last = parts[-1]
-        parsed = yaml.safe_load(value)
-        if isinstance(node, list):
-            node[int(last)] = parsed
-        else:
-            node[last] = parsed
+                node = node.setdefault(p, {}) if isinstance(node, dict) else node[p]
+                if node is None:
+                    raise RecipeError(f"--set {key}: '{where}' is null; set the whole section instead")
     return raw
+
+
+class RecipeYAMLError(RecipeError, yaml.YAMLError):
+    """A recipe file that is not (safe) YAML."""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{getattr(e, 'problem', None) or e}"
 
 
 def parse_recipe(raw: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
@@ -321,6 +342,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path} not found")
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeYAMLError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path} is not a text file") from None
     return parse_recipe(raw, overrides, str(path))

@@ -340,7 +340,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
     device = next(strategy.parameters()).device
     strategy.eval()
     metrics = evaluate(strategy.predict, test, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
-                       ev.metrics, roi_size=ctx.cfg.patch_size, device=device, overlap=ev.sw_overlap, keep=ev.overlays)
+                       ev.metrics, roi_size=ctx.cfg.patch_size, device=device, overlap=ev.sw_overlap, keep=ev.overlays,
+                       empty=ev.empty)
     predictions = metrics.pop("predictions", [])
     exported = strategy.export_model()  # the OOD detector reads its bottleneck, which an ensemble's heads share
     detector = fit_ood(exported, ctx, device) if ctx.spec.spatial_dims == 2 else None

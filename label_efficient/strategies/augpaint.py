@@ -46,6 +46,7 @@ class AugPaint(Strategy):
     needs_labeled = False
     needs_unlabeled = True
     label_free = True
+    spatial_dims = (2,)  # 2D networks and 2D pairs
     segments = False
     produces_pairs = True
 

@@ -90,6 +90,9 @@ class Strategy(nn.Module):
     #: the image scaling the strategy's fixed constants assume (``"unit"``: intensities in [0, 1], e.g. a [0, 1.5]
     #: clip or an SSIM data range); the runner refuses a dataset of another ``DatasetSpec.intensity``. None: any
     requires_intensity: ClassVar[str | None] = None
+    #: the image dimensionalities the strategy works on (2D-only methods: slice GANs, 2D contrastive pairs, …); the
+    #: runner refuses a dataset of another one before training
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     #: names of the optimizers the strategy steps itself, in order, once each per training step (see the module
     #: docstring); empty: one optimizer, stepped by the loop on the returned loss
     optimizers: ClassVar[tuple[str, ...]] = ()

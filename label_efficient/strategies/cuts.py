@@ -108,6 +108,7 @@ class CUTS(Strategy):
     needs_unlabeled = True
     label_free = True
     requires_intensity = "unit"  # x·2 − 1 to [-1, 1], as the paper
+    spatial_dims = (2,)  # 2D networks and 2D pairs
     segments = False
 
     class Config(StrategyConfig):

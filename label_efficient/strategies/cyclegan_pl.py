@@ -241,6 +241,7 @@ class CycleGANPseudoLabels(Strategy):
     needs_labeled = False
     needs_unlabeled = True
     label_free = True  # no training label: every train image is unlabelled, fixed steps, no validation
+    spatial_dims = (2,)  # 2D networks and 2D pairs
     needs_aux_masks = True
     optimizers = ("generators", "discriminators", "segmenter")
 

@@ -213,6 +213,7 @@ class SDCUDATranslate(Strategy):
     produces_pairs = True
     generates_volumes = True
     optimizers = ("generator", "discriminator")
+    spatial_dims = (2,)  # 2D networks and 2D pairs
 
     class Config(StrategyConfig):
         slab: int = 3  #: slices per slab (C)
