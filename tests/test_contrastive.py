@@ -25,14 +25,28 @@ def tiny_unet(**kw):
     return build_backbone("basic_unet", 2, 1, 4, **{**TINY, **kw})
 
 
-def reference_global_loss(z, partition, tau):
-    """G^D by explicit loops: each listed positive pair, negatives = the other partitions."""
+def official_global_pairs(m=2, s=4):
+    """Directed positive pairs of the official G^D loop (models.py, global_loss_exp_no=2), re-written from reading it,
+    mapped to our layout. Official layout: per volume slot g a block of 4s rows [set 1 | aug 1 | set 2 | aug 2]
+    (``stitch_batch_global_loss_gd``, here with every slot filled); the loop anchors every row with
+    pos % (2s) < s (the set-1 *and* set-2 originals) at i1 = pos, i2 = pos + s, i3 = pos + 2s, i4 = pos + 3s (mod
+    the batch) and adds (i1,i2), (i2,i1), (i1,i3), (i3,i1), (i3,i4), (i4,i3), (i2,i4), (i4,i2). Ours: the four
+    blocks of n = m·s rows each, volume-major."""
+    bs, n = 4 * s * m, s * m
+    ours = lambda o: (o % (4 * s)) // s * n + o // (4 * s) * s + o % s
+    pairs = []
+    for pos in range(bs):
+        if pos % (2 * s) < s:
+            i1, i2, i3, i4 = pos, (pos + s) % bs, (pos + 2 * s) % bs, (pos + 3 * s) % bs
+            pairs += [(i1, i2), (i2, i1), (i1, i3), (i3, i1), (i3, i4), (i4, i3), (i2, i4), (i4, i2)]
+    return [(ours(a), ours(p)) for a, p in pairs]
+
+
+def reference_global_loss(z, partition, tau, m=2, s=4):
+    """G^D by explicit loops: each positive pair of the official loop, negatives = the other partitions."""
     z = torch.nn.functional.normalize(z, dim=1)
-    n = len(z) // 4
-    pairs = [(k, n + k) for k in range(n)] + [(k, 2 * n + k) for k in range(n)] + \
-            [(2 * n + k, 3 * n + k) for k in range(n)] + [(n + k, 3 * n + k) for k in range(n)]
     terms = []
-    for a, p in pairs + [(p, a) for a, p in pairs]:
+    for a, p in official_global_pairs(m, s):
         pos = torch.exp(z[a] @ z[p] / tau)
         neg = sum(torch.exp(z[a] @ z[j] / tau) for j in range(len(z)) if partition[j] != partition[a])
         terms.append(-torch.log(pos / (pos + neg)))
@@ -54,8 +68,9 @@ def test_global_loss_equals_the_explicit_formula():
 
 def test_global_positives_share_the_partition_and_negatives_are_the_other_partitions():
     part = layout_partitions()
-    anchors, positives = global_pairs(len(part) // 4)
-    assert len(anchors) == 2 * len(part)  # 4 pair kinds × n, both directions
+    anchors, positives = global_pairs(len(part) // 4, 4)
+    # 8 pair kinds × n, both directions, as the official loop (was 2 * len(part): set-1 anchors only)
+    assert len(anchors) == 4 * len(part)
     assert torch.equal(part[anchors], part[positives])
     torch.manual_seed(1)
     z = torch.randn(len(part), 16)
@@ -77,6 +92,25 @@ def test_global_positives_share_the_partition_and_negatives_are_the_other_partit
     z3[next(j for j in range(n) if part[j] != part[0])] = z[0]
     assert not torch.allclose(terms(z)[anchors == 0], terms(z3)[anchors == 0])
     assert base > 0
+
+
+@pytest.mark.parametrize("m,s", [(1, 4), (2, 4), (5, 4), (3, 2)])
+def test_global_pairs_are_the_official_loops_pairs(m, s):
+    anchors, positives = global_pairs(m * s, s)
+    ours = sorted(zip(anchors.tolist(), positives.tolist()))
+    official = sorted(official_global_pairs(m, s))
+    assert len(ours) == len(official) == 16 * m * s  # per batch of 4·m·s rows (set-1 anchors alone gave 8·m·s)
+    assert ours == official
+    part = layout_partitions(m, s)
+    assert torch.equal(part[anchors], part[positives])
+
+
+def test_local_head_convolutions_are_bias_free():
+    from label_efficient.strategies.contrastive import LocalHead
+
+    head = LocalHead(8)
+    convs = [m for m in head.g2 if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 and all(c.bias is None for c in convs) and head.dense.bias is None
 
 
 @requires_shared("acdc")
@@ -168,7 +202,13 @@ def test_local_stage_freezes_the_encoder_and_trains_the_first_l_decoder_blocks()
     after = net.state_dict()
     changed = lambda prefix: any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix + "."))
     encoder, decoder = blocks(net, "encoder"), blocks(net, "decoder")
-    assert not any(changed(n) for n in encoder)  # weights and BN statistics of stage 1
+    # frozen weights; BN normalises with batch statistics and updates its running ones, as the official stage 2
+    # (train_phase True) — was: BN statistics of stage 1 kept too (encoder in eval mode)
+    weights = [k for k, v in net.named_parameters() if any(k.startswith(n + ".") for n in encoder)]
+    assert weights and all(torch.equal(before[k], after[k]) for k in weights)
+    assert all(changed(n) for n in encoder)
+    assert all(m.training for n in encoder for m in net.get_submodule(n).modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
     assert all(changed(n) for n in decoder[:3])
     assert not changed(decoder[3]) and not changed("head")
 

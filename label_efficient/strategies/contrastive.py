@@ -7,13 +7,18 @@ Label-free stages run in order, then any strategy fine-tunes from them (stage 3,
   2. x̃ = aug(x): random crop (≈100/192 of the side, offset in [10, 70)/192) resized back, brightness ±0.3,
      contrast ×[0.7, 1.3], clipped to [0, 1.5]                                           (on device, kornia)
   3. z = g1(e(x)) for [set 1 | x̃ set 1 | set 2 | x̃ set 2]; e = the backbone's encoder, g1 = FC1024-ReLU-FC128
-  4. positives of set-1 image i and the set-2 image j of its partition: (i, ĩ), (i, j), (j, j̃), (ĩ, j̃), both ways;
-     negatives: every image of another partition (same-partition images leave the denominator)
+  4. every original image anchors 4 positive pairs with the next original image of its partition, both ways: a
+     set-1 image i with the set-2 image j at its position, (i, ĩ), (i, j), (j, j̃), (ĩ, j̃); a set-2 image j with the
+     set-1 image i′ of the next volume slot (cyclically), (j, j̃), (j, i′), (i′, ĩ′), (j̃, ĩ′) (the official loop,
+     models.py global_loss_exp_no=2, anchors the set-2 originals too: 16 directed terms per 4 images of a
+     partition and volume slot); negatives: every image of another partition (same-partition images leave the
+     denominator)
   5. ℓ(a, p) = −log e^{s(a,p)/τ} / (e^{s(a,p)/τ} + Σ_{n∈Neg(a)} e^{s(a,n)/τ}), s = cosine, τ = 0.1     (paper eq. 2)
 
-``contrastive_local`` (L, local_loss_exp_no=0), per step, encoder frozen (weights and BN statistics):
+``contrastive_local`` (L, local_loss_exp_no=0), per step, encoder weights frozen; its BN normalises with batch
+statistics and updates its running statistics, as the official stage 2 (``train_phase: True`` for the whole net):
   1. two views of each slice differing only in brightness/contrast (no geometry: positions correspond)
-  2. f = g2(d_l(e(x))): the first l decoder blocks, then 1×1 conv-BN-ReLU-1×1 conv
+  2. f = g2(d_l(e(x))): the first l decoder blocks, then 1×1 conv-BN-ReLU-1×1 conv, both convolutions bias-free
   3. 13 fixed 3×3 regions (corners, edge midpoints, centre, quarter points), each flattened through one shared
      bias-free dense layer to 128-d; positive = the same region in the other view, negatives = all other
      regions of both views; ℓ with τ = 0.1, symmetric, averaged over regions and images     (paper eq. 3)
@@ -25,8 +30,11 @@ global loss is the mean of the ℓ terms (the official sum/(4·batch) is a const
 decoder blocks (basic_unet has 4 where the official network has 5), so the default l = 3 puts the local loss on a
 ½-resolution map (64² for 128²) and leaves 1 of 4 decoder blocks random, where the paper's l = 3 is a ¼-resolution
 map (48² for 192²) leaving 2 of 5: ``decoder_blocks: 2`` matches the paper's resolution (the RESULTS rows use 3).
-The backbone's own dropout (basic_unet: encoder 0.05…0.5) stays active while pre-training (the official encoder has
-none): one network runs all stages of a recipe; set ``backbone.kwargs.dropout: 0`` to pre-train without it.
+The backbone's own dropout (basic_unet: encoder 0.05…0.5) stays active while pre-training, the frozen encoder of
+stage 2 included (the official encoder has none): one network runs all stages of a recipe; set
+``backbone.kwargs.dropout: 0`` to pre-train without it. The official ``stitch_batch_global_loss_gd`` stops one
+block early (``>=``), so its last volume slot holds zero images that anchor and count as negatives: a bug we do not
+copy (every slot holds real slices).
 Stage 3 is whatever fine-tuning strategy the recipe names; ``supervised`` trains ½(CE + Dice), not the official
 Dice including background.
 """
@@ -78,21 +86,27 @@ def contrastive_terms(sim: torch.Tensor, anchors: torch.Tensor, positives: torch
     return torch.logaddexp(pos, neg) - pos
 
 
-def global_pairs(n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Directed positive pairs of G^D in the layout [set 1 | aug set 1 | set 2 | aug set 2], n images per block:
-    (i, ĩ), (i, j), (j, j̃), (ĩ, j̃) and their reverses, where j is the set-2 image at i's position."""
+def global_pairs(n: int, partitions: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directed positive pairs of G^D in the layout [set 1 | aug set 1 | set 2 | aug set 2], n images per block, each
+    set volume-major (n/``partitions`` volume slots × ``partitions``), as the official loop: set-1 image i anchors
+    (i, ĩ), (i, j), (j, j̃), (ĩ, j̃) with j the set-2 image at i's position; set-2 image j anchors (j, j̃), (j, i′),
+    (i′, ĩ′), (j̃, ĩ′) with i′ the set-1 image of the same partition in the next volume slot (cyclically); each pair
+    both ways. 16n pairs."""
     k = torch.arange(n, device=device)
-    a = torch.cat([k, k, k + 2 * n, k + n])
-    p = torch.cat([k + n, k + 2 * n, k + 3 * n, k + 3 * n])
+    nxt = (k + partitions) % n  # i′: the next volume slot of set 1, same partition
+    a = torch.cat([k, k, k + 2 * n, k + n, k + 2 * n, k + 2 * n, nxt, k + 3 * n])
+    p = torch.cat([k + n, k + 2 * n, k + 3 * n, k + 3 * n, k + 3 * n, nxt, nxt + n, nxt + n])
     return torch.cat([a, p]), torch.cat([p, a])
 
 
 def global_loss(z: torch.Tensor, partition: torch.Tensor, temperature: float) -> torch.Tensor:
     """G^D (paper eq. 2) for embeddings ``z`` (4n, d) laid out [set 1 | aug 1 | set 2 | aug 2] and the partition
-    index (4n,) of each row; the mean over the 8n directed positive pairs."""
+    index (4n,) of each row (set 1 volume-major, partitions 0…S−1 per volume); the mean over the 16n directed
+    positive pairs of :func:`global_pairs`."""
     z = F.normalize(z.float(), dim=1)
     sim = z @ z.t() / temperature
-    anchors, positives = global_pairs(len(z) // 4, z.device)
+    n = len(z) // 4
+    anchors, positives = global_pairs(n, len(partition[:n].unique()), z.device)
     return contrastive_terms(sim, anchors, positives, partition[:, None] != partition[None, :]).mean()
 
 
@@ -134,13 +148,14 @@ class GlobalHead(nn.Module):
 
 
 class LocalHead(nn.Module):
-    """g2 (1×1 conv-BN-ReLU-1×1 conv) on the decoder map, then the shared bias-free dense layer per 3×3 region."""
+    """g2 (bias-free 1×1 conv-BN-ReLU-1×1 conv, as the official ``seg_c1_a``/``seg_c1_b``) on the decoder map, then
+    the shared bias-free dense layer per 3×3 region."""
 
     def __init__(self, channels: int, region: int = 3, dim: int = 128):
         super().__init__()
         self.region = region
-        self.g2 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
-                                nn.Conv2d(channels, channels, 1))
+        self.g2 = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
+                                nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1, bias=False))
         self.dense = nn.Linear(channels * region * region, dim, bias=False)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
@@ -173,6 +188,7 @@ class ContrastiveGlobal(Strategy):
     label_free = True
     segments = False
     requires_intensity = "unit"  # brightness ±0.3 and the [0, 1.5] clip
+    spatial_dims = (2,)  # 2D slices and their partitions
 
     class Config(_Intensity):
         partitions: int = Field(4, ge=2)  #: S
@@ -228,6 +244,7 @@ class ContrastiveLocal(Strategy):
     label_free = True
     segments = False
     requires_intensity = "unit"  # brightness ±0.3 and the [0, 1.5] clip
+    spatial_dims = (2,)  # 2D slices and their partitions
 
     class Config(_Intensity):
         decoder_blocks: int = Field(3, ge=1)  #: l
@@ -244,13 +261,6 @@ class ContrastiveLocal(Strategy):
         for block in self.encoder:
             block.requires_grad_(False)
         self.head = LocalHead(out_channels(model, self.decoder_out), self.config.region, self.config.dim)
-
-    def train(self, mode: bool = True):
-        """Train mode everywhere except the frozen encoder, whose BN statistics stay those of stage 1."""
-        super().train(mode)
-        for block in self.encoder:
-            block.eval()
-        return self
 
     def handover_parts(self):
         return ["encoder", f"decoder:{self.config.decoder_blocks}"]
