@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -327,3 +328,51 @@ def test_upl_model_pt_is_the_ensemble_the_run_tested(tmp_path):
     again = torch.load(tmp_path / "again/model.pt", weights_only=True)["state_dict"]
     plain = model.plain_network().state_dict()
     assert set(again) == set(plain)  # the plain network (body + unrotated head), not the ensemble
+
+
+def _official_largest_component(image):
+    """UPL-SFDA's ``get_largest_component`` rule (unet.py), re-written from reading it: scipy labelling with
+    ``generate_binary_structure(ndim, 1)`` (face connectivity) on a 2D or 3D binary array; the largest by size
+    (ties: the first label, where the official ``labeled_array == max_label`` would broadcast all tied labels)."""
+    from scipy import ndimage
+
+    if image.sum() == 0:
+        return image
+    lab, k = ndimage.label(image, ndimage.generate_binary_structure(image.ndim, 1))
+    sizes = ndimage.sum(image, lab, range(1, k + 1))
+    return (lab == np.argmax(sizes) + 1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("device_path", ["scipy", "torch"])
+def test_largest_component_over_a_stacked_window_with_face_connectivity(device_path):
+    from label_efficient.transforms.components import _largest_scipy, _largest_torch
+
+    run = _largest_scipy if device_path == "scipy" else (lambda m, c: _largest_torch(m, connectivity=c))
+    # a (10, 12, 12) window, one class: two blobs touching only along a diagonal, and a column across the slices
+    w = np.zeros((10, 12, 12), np.uint8)
+    w[0:3, 0:3, 0:3] = 1  # 27 voxels
+    w[3:6, 3:6, 3:6] = 1  # 27 voxels, corner-touching the first: one 26-connected component of 54
+    w[:, 8, 8] = 1  # 10 voxels
+    w[2:10, 10, 0:4] = 1  # 32 voxels: the largest face-connected component
+    m = torch.from_numpy(w)[None, None].float()
+    ref = _official_largest_component(w)
+    assert ref.sum() == 32
+    assert np.array_equal(run(m, "face")[0, 0].numpy(), ref)
+    assert run(m, "full")[0, 0].sum() == 54  # the full (26) rule differs here
+    # random windows and 2D images: the same masks as the official rule
+    rng = np.random.default_rng(0)
+    for shape in [(10, 16, 16), (20, 20)]:
+        for _ in range(5):
+            x = (rng.random(shape) < 0.35).astype(np.uint8)
+            got = run(torch.from_numpy(x)[None, None].float(), "face")[0, 0].numpy()
+            assert np.array_equal(got, _official_largest_component(x))
+
+
+def test_upl_keeps_the_face_connected_largest_component():
+    s = UPLSFDA(source_model(), 3)
+    assert s.config.connectivity == "face"
+    m = torch.zeros(1, 1, 8, 8)
+    m[0, 0, 0:3, 0:3] = 1  # 9 px
+    m[0, 0, 3:5, 3:8] = 1  # 10 px, touching the first only at a corner
+    assert largest_component_mask(m, "face")[0, 0].sum() == 10
+    assert largest_component_mask(m)[0, 0].sum() == 19  # the default of the other users: full

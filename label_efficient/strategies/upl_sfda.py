@@ -4,7 +4,8 @@ The source model's output head is cloned into K heads sharing the rest of the ne
 input rotated by r_k·90° (r = 1, 2, 3, 0) and its softmax is rotated back. Per target step:
   1. Pass 1 (no grad): p̄ = mean_k p_k; pseudo label Y_c = 1[p̄_c > τ_c] for every class c, background included
      (one τ for all classes as the paper, or one per class: a small structure rarely reaches the background's 0.95);
-     pixels where no class passes τ are ignored; the largest connected component of each Y_c is kept.
+     pixels where no class passes τ are ignored; the largest connected component of each Y_c is kept, with face
+     connectivity (4 in 2D, 6 in 3D) as the official ``get_largest_component``.
   2. Pass 2 (grad): recompute p_k; L_TFS = mean_{k,c} 1 − (2Σ q·Y_c + s)/(ΣY_c + Σq² + s), q = p_kc ⊙ Y_c, s = 1e-4
      (twice-forward supervision: only pixels pseudo-labelled c count for class c).
   3. L = L_TFS + λ·L_ME with L_ME = −Σ p̄ log₂(p̄ + 1e-10)/(N·C·|Ω|), the entropy of the head mean.
@@ -15,6 +16,18 @@ code). Departures from the official code
 running statistics, which is what the official code effectively does from its second epoch on) and in eval mode at
 test; only the final 1×1 head is cloned (the official code clones the whole decoder, which a generic backbone does
 not expose); no checkpoint is chosen on target labels (fixed step count).
+Largest component, 2D: the official 2D batch is *one volume's window* of 10 consecutive slices (``crop_depth``,
+batch size 1, zero slices padding shorter volumes), and ``save_nii`` keeps per class the largest 3D component of
+that (10, H, W) stack, face-connected across slices too: a slice whose class region does not touch the window's
+largest component loses it. We keep the largest component per 2D image (4-connected in-plane, the official
+structuring element restricted to one slice), so every slice keeps one component per class. Not changed because
+the strategy cannot see volumes: our target batches are slices drawn at random across volumes, they carry no
+volume or slice index, and no stream option draws consecutive slices of one volume (``partitions`` takes one slice
+per chunk; ``slab`` stacks neighbours on the channel axis, changing the network's input), and the polyp targets are
+not volumes at all. For 3D inputs (N, C, D, H, W) each sample is a volume and the rule is the official one.
+Ties between equally large components: the first in raster order (the official code compares the label map with
+every tied label at once, which NumPy broadcasts or rejects). ``connectivity: full`` (8/26, the earlier default)
+is kept as an option.
 """
 from __future__ import annotations
 
@@ -43,6 +56,7 @@ class UPLSFDAConfig(StrategyConfig):
     tau: float | list[float] = 0.95  #: threshold τ (C: 0.95 M&Ms/FeTA, 0.90 fetal brain), or one τ_c per class (R)
     entropy_weight: float = 1.0  #: λ
     largest_component: bool = True
+    connectivity: Literal["face", "full"] = "face"  #: of the largest component (C: face; "full" as before)
     dice_smooth: float = 1e-4
     bn_mode: Literal["train", "frozen"] = "train"  #: BN batch statistics during adaptation, or the incoming ones (R)
     head_betas: tuple[float, float] = (0.5, 0.999)  #: Adam betas of the heads' parameter group (C)
@@ -87,7 +101,7 @@ class UPLSFDA(Strategy):
             mean = torch.stack(self.head_probs(x)).mean(0)
             pseudo = (mean > self.tau.reshape(1, -1, *(1,) * (mean.ndim - 2))).float()
             if self.config.largest_component:
-                pseudo = largest_component_mask(pseudo)
+                pseudo = largest_component_mask(pseudo, self.config.connectivity)
         probs = self.head_probs(x)
         loss_tfs = torch.stack([masked_dice_loss(p, pseudo, self.config.dice_smooth) for p in probs]).mean()
         p_mean = torch.stack(probs).mean(0)

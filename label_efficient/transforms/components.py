@@ -1,10 +1,14 @@
-"""Largest-connected-component cleaning of masks and label maps (full connectivity), used for pseudo labels.
+"""Largest-connected-component cleaning of masks and label maps, used for pseudo labels.
 
-On CPU, scipy's ``ndimage.label``; on any other device a torch-native labelling (minimum-index propagation with
-max-pooling until it settles), so a GPU training step never copies its pseudo labels to the host. Both keep, per
-sample and channel, the largest component, ties going to the one met first in raster order.
+Connectivity ``full`` (8 in 2D, 26 in 3D; the default) or ``face`` (4 in 2D, 6 in 3D: scipy's
+``generate_binary_structure(ndim, 1)``, as UPL-SFDA's ``get_largest_component``). On CPU, scipy's ``ndimage.label``;
+on any other device a torch-native labelling (minimum-index propagation with max-pooling until it settles), so a
+GPU training step never copies its pseudo labels to the host. Both keep, per sample and channel, the largest
+component, ties going to the one met first in raster order.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
@@ -12,10 +16,13 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 
-def _largest_scipy(mask: torch.Tensor) -> torch.Tensor:
+Connectivity = Literal["full", "face"]
+
+
+def _largest_scipy(mask: torch.Tensor, connectivity: Connectivity = "full") -> torch.Tensor:
     arr = mask.detach().cpu().numpy().astype(bool)
     out = np.zeros_like(arr)
-    structure = ndimage.generate_binary_structure(arr.ndim - 2, arr.ndim - 2)
+    structure = ndimage.generate_binary_structure(arr.ndim - 2, arr.ndim - 2 if connectivity == "full" else 1)
     for n in range(arr.shape[0]):
         for c in range(arr.shape[1]):
             comp, k = ndimage.label(arr[n, c], structure)
@@ -24,10 +31,17 @@ def _largest_scipy(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out).to(mask.device, mask.dtype)
 
 
-def _largest_torch(mask: torch.Tensor, check_every: int = 8) -> torch.Tensor:
+def _largest_torch(mask: torch.Tensor, check_every: int = 8, connectivity: Connectivity = "full") -> torch.Tensor:
     fg = mask.bool()
     n, c = fg.shape[:2]
-    pool = F.max_pool2d if fg.ndim == 4 else F.max_pool3d
+    spatial = fg.ndim - 2
+    max_pool = F.max_pool2d if spatial == 2 else F.max_pool3d
+    if connectivity == "full":
+        windows = [((3,) * spatial, (1,) * spatial)]
+    else:  # the cross: a 3-long window along each axis alone
+        windows = [(tuple(3 if a == b else 1 for b in range(spatial)), tuple(int(a == b) for b in range(spatial)))
+                   for a in range(spatial)]
+    spread = lambda t: torch.stack([max_pool(t, k, 1, p) for k, p in windows]).amax(0)  # max over the neighbourhood
     big = fg.numel()
     idx = torch.arange(big, device=fg.device).view(fg.shape)
     label = torch.where(fg, idx, big).flatten(0, 1).unsqueeze(1).float()  # float: max-pool kernels; exact < 2^24
@@ -37,7 +51,7 @@ def _largest_torch(mask: torch.Tensor, check_every: int = 8) -> torch.Tensor:
     while True:
         before = label
         for _ in range(check_every):  # each component settles on its minimum (first, in raster order) index
-            label = torch.where(keep, -pool(-label, 3, stride=1, padding=1), float(big))
+            label = torch.where(keep, -spread(-label), float(big))
         if torch.equal(label, before):
             break
     label = label.long().view(fg.shape)
@@ -49,9 +63,13 @@ def _largest_torch(mask: torch.Tensor, check_every: int = 8) -> torch.Tensor:
     return (fg & (label == first) & (best > 0)).to(mask.dtype)
 
 
-def largest_component_mask(mask: torch.Tensor) -> torch.Tensor:
+def largest_component_mask(mask: torch.Tensor, connectivity: Connectivity = "full") -> torch.Tensor:
     """Keep the largest connected component of each sample and channel of a 0/1 mask (N, C, *S)."""
-    return _largest_scipy(mask) if mask.device.type == "cpu" else _largest_torch(mask)
+    if connectivity not in ("full", "face"):
+        raise ValueError(f"connectivity must be 'full' or 'face', got {connectivity!r}")
+    if mask.device.type == "cpu":
+        return _largest_scipy(mask, connectivity)
+    return _largest_torch(mask, connectivity=connectivity)
 
 
 def largest_component_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
