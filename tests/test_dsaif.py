@@ -103,3 +103,62 @@ def test_dsaif_3d_step_with_and_without_a_square_plane(shape):
     out = s.training_step(batch, 5)
     out.loss.backward()
     assert torch.isfinite(out.loss) and all(p.grad is not None for p in s.model2.parameters())
+
+
+def _flat_views(n):
+    x = torch.stack([torch.full((1, 4, 4), 0.1), torch.full((1, 4, 4), 0.5), torch.full((1, 4, 4), 0.9)], 1)
+    x = x.repeat(n, 1, 1, 1)  # channels [raw=0.1, max=0.5, min=0.9]
+    x[:, :, 0, 0], x[:, :, 0, 1] = 0.0, 1.0
+    return x
+
+
+def test_gamma_is_drawn_per_view_and_only_for_filtered_pairs():
+    """Official ``tree_process_3D_higra_final``: each filter call (one per view) contrasts with p = 0.5 and its own
+    γ ~ U(0.5, 1.5); raw pairs never reach the filter, so they are never contrasted."""
+    s = make()
+    a, b, tag = s.make_views(_flat_views(4000))
+    raw, filt = tag == 0, tag > 0
+    assert torch.allclose(a[raw, 0, 2, 2], torch.tensor(0.1)) and torch.allclose(b[raw, 0, 2, 2], torch.tensor(0.1))
+    base_a = torch.where(tag == 1, 0.5, 0.9)[filt]
+    base_b = torch.where(tag == 1, 0.9, 0.5)[filt]
+    ga = torch.log(a[filt, 0, 2, 2]) / torch.log(base_a)  # the γ each view got
+    gb = torch.log(b[filt, 0, 2, 2]) / torch.log(base_b)
+    on_a, on_b = (ga - 1).abs() > 1e-4, (gb - 1).abs() > 1e-4
+    assert on_a.float().mean() == pytest.approx(0.5, abs=0.04) and on_b.float().mean() == pytest.approx(0.5, abs=0.04)
+    assert (on_a & on_b).float().mean() == pytest.approx(0.25, abs=0.04)  # independent coins
+    both = on_a & on_b
+    assert not torch.allclose(ga[both], gb[both], atol=1e-3)  # independent γ
+    assert ga[on_a].min() >= 0.5 - 1e-4 and ga[on_a].max() <= 1.5 + 1e-4
+
+
+def test_view_b_is_rotated_only_in_filtered_pairs():
+    """semi.py draws the angle inside the filtered branch: raw pairs keep k = 0."""
+    s = make()
+    torch.manual_seed(1)
+    tag = torch.randint(0, 3, (4000,))
+    k = s.view_b_turns(torch.Size((4000, 1, 8, 8)), tag)
+    assert (k[tag == 0] == 0).all()
+    frac = torch.bincount(k[tag > 0], minlength=4).float() / (tag > 0).sum()
+    assert torch.allclose(frac, torch.full((4,), 0.25), atol=0.03)
+    assert (make(rotate_view_b=False).view_b_turns(torch.Size((4000, 1, 8, 8)), tag) == 0).all()
+    assert set(s.view_b_turns(torch.Size((4000, 1, 8, 6)), tag).tolist()) == {0, 2}
+
+
+def test_labelled_and_unlabelled_run_separate_passes():
+    """main3D.py: model(labeled) and model(unlabeled) are separate calls, so BN normalises each with its own batch
+    statistics (a joint pass would mix them)."""
+    s = make()
+    s.setup(10)
+    s.train()
+    calls = {1: [], 2: []}
+    s.model.register_forward_pre_hook(lambda m, args: calls[1].append(len(args[0])))
+    s.model2.register_forward_pre_hook(lambda m, args: calls[2].append(len(args[0])))
+    batch = {"labeled": with_views(disc_batch(2, 0)), "unlabeled": with_views(disc_batch(3, 1, False))}
+    out = s.training_step(batch, 0)
+    assert calls == {1: [2, 3], 2: [2, 3]} and torch.isfinite(out.loss)
+    # the labelled logits do not depend on the unlabelled images (they would through shared BN batch statistics)
+    torch.manual_seed(0)
+    first = s.training_step(batch, 0).logs["loss_s1"]
+    other = {**batch, "unlabeled": with_views(disc_batch(3, 7, False))}
+    torch.manual_seed(0)
+    assert torch.allclose(s.training_step(other, 0).logs["loss_s1"], first)

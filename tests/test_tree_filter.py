@@ -15,10 +15,11 @@ def smooth_noise(shape, seed, sigma=1.5):
 
 
 def quantised(x):
-    """The input as the filter sees it: round(normalised*255), mapped back to the input range."""
+    """The input as the filter sees it: floor(normalised*255) as the official astype(np.uint8) (was: round),
+    mapped back to the input range."""
     x = np.asarray(x, dtype=np.float64)
     lo, hi = x.min(), x.max()
-    q = np.rint((x - lo) / (hi - lo) * 255)
+    q = np.floor((x - lo) / (hi - lo) * 255 + 1e-6)
     return (lo + q * (hi - lo) / 255).astype(np.float32)
 
 
@@ -26,7 +27,7 @@ def reference_filter(x, tree, area_threshold, prune_single_child=True):
     """Literal spec implementation: explicit graphs, area pruning, *rebuilt* tree, sibling count."""
     x = np.asarray(x, dtype=np.float64)
     lo, hi = x.min(), x.max()
-    q = np.rint((x - lo) / (hi - lo) * 255).astype(np.uint8)
+    q = np.floor((x - lo) / (hi - lo) * 255 + 1e-6).astype(np.uint8)  # the official truncation (was: round)
     if q.ndim == 2:
         graph = hg.get_8_adjacency_graph(q.shape)
     else:
@@ -277,3 +278,16 @@ def test_tree_views_stacks_raw_max_min_per_channel():
     np.testing.assert_array_equal(out[:2], img.astype(np.float32))
     np.testing.assert_array_equal(out[2], tree_filter(img[0], "max", 1))
     np.testing.assert_array_equal(out[5], tree_filter(img[1], "min", 1))
+
+
+def test_quantisation_floors_as_the_official_astype_uint8():
+    """The official ``tree_process_*_higra_final``: ``(img * 255).astype(np.uint8)`` on the normalised image, i.e.
+    truncation (the normalisation here is exact: lo = 0, hi = 1); levels on the 255-level grid keep their level."""
+    from label_efficient.transforms.tree_filter import _quantise
+
+    x = np.array([0.0, 0.3, 0.501, 0.701, 100 / 255, 254.6 / 255, 1.0])
+    q, lo, hi = _quantise(x)
+    official = (x * 255).astype(np.uint8)
+    assert q.tolist() == official.tolist() == [0, 76, 127, 178, 100, 254, 255]
+    assert (lo, hi) == (0.0, 1.0)
+    assert np.rint(x * 255).astype(int).tolist() == [0, 76, 128, 179, 100, 255, 255]  # what rounding gave

@@ -2,9 +2,13 @@
 
 Per step, with two independently initialised networks f₁, f₂:
   1. Per sample: with p = 1 − p_filter both views are the raw image; otherwise A = Max-tree filtered and
-     B = Min-tree filtered, or the families swapped (p = ½ each). With p = ½ both views are gamma-contrasted
-     (γ ~ U(0.5, 1.5)) in their min-max range; view B is rotated by k·90°.
-  2. f₁ sees view A, f₂ sees view B (labelled and unlabelled); f₂'s outputs are rotated back by −k·90°.
+     B = Min-tree filtered, or the families swapped (p = ½ each). Only a filtered pair is augmented, as the
+     official code does inside its filter (``tree_process_3D_higra_final``, one call per view): each view on its
+     own is gamma-contrasted with p = ½ (γ ~ U(0.5, 1.5), drawn per view, in its min-max range), and view B is
+     rotated by k·90°, k ~ U{0…3} (semi.py draws the angle in the filtered branch only; raw pairs keep k = 0).
+  2. f₁ sees view A, f₂ sees view B; each network runs one pass on the labelled and another on the unlabelled
+     images (main3D.py), so BN normalises them with their own batch statistics; f₂'s outputs are rotated back by
+     −k·90°.
   3. ŷ₁ = argmax f₁(A_u), ŷ₂ = argmax f₂(B_u) (detached, no threshold).
   4. L = [L_s(1) + λ(t)·CE(f₁(A_u), ŷ₂)] + [L_s(2) + λ(t)·CE(f₂(B_u), ŷ₁)],  L_s = ½(CE + Dice),
      λ(t) = λ_max·exp(−5(1 − t/T)²) (sigmoid ramp-up, reaching λ_max at T).
@@ -12,6 +16,13 @@ The tree filters (area < 50 pruned, then sibling-less nodes removed; ``transform
 per image by the data pipeline (``image_transform``) and delivered as channels [raw, max, min]; see ``TreeViews``
 for why caching is equivalent to per-crop filtering. The ramp is expressed as a fraction of the run (spec: full
 at 6k of 15k iterations = 0.4). Optional Bézier intensity remap (the paper-era pipeline): ``bezier_p``.
+
+Departures: gamma is applied to the cached filtered views, where the official code applies it before the uint8
+quantisation and the filter (the filter commutes with monotone maps, so they differ only by quantisation; the
+quantisation floors as the official ``astype(np.uint8)``, see ``transforms.tree_filter``). The rotation plane is the
+first square pair of spatial axes (the official 3D code rotates numpy axes (1, 2) of its crop, the last two); the
+official 2D path never rotates (its angle is drawn under ``random() > 1``, dead code): ``rotate_view_b: false``
+reproduces it, we keep the 3D code's rotation in 2D too.
 """
 from __future__ import annotations
 
@@ -110,25 +121,35 @@ class DSAIF(Strategy):
         tag = torch.where(filtered, torch.where(max_first, 1, 2), 0)
         a = torch.where((tag == 1).view(bshape), mx, torch.where((tag == 2).view(bshape), mn, raw))
         b = torch.where((tag == 1).view(bshape), mn, torch.where((tag == 2).view(bshape), mx, raw))
-        gamma = torch.empty(n, device=x.device).uniform_(*c.gamma_range)
-        gamma = torch.where(torch.rand(n, device=x.device) < c.gamma_p, gamma, torch.ones_like(gamma)).view(bshape)
+        def gamma():  # per view; only a filtered pair is contrasted (the official filter function draws it)
+            g = torch.empty(n, device=x.device).uniform_(*c.gamma_range)
+            on = (torch.rand(n, device=x.device) < c.gamma_p) & filtered
+            return torch.where(on, g, torch.ones_like(g)).view(bshape)
+
+        gamma_a, gamma_b = gamma(), gamma()
         bezier = c.bezier_p > 0 and bool(torch.rand(()) < c.bezier_p)
-        remap = lambda u: bezier_remap(u.clamp(0, 1) ** gamma) if bezier else u.clamp(0, 1) ** gamma
-        return in_unit_range(remap, a), in_unit_range(remap, b), tag
+        remap = lambda g: (lambda u: bezier_remap(u.clamp(0, 1) ** g) if bezier else u.clamp(0, 1) ** g)
+        return in_unit_range(remap(gamma_a), a), in_unit_range(remap(gamma_b), b), tag
+
+    def view_b_turns(self, shape: torch.Size, tag: torch.Tensor) -> torch.Tensor:
+        """Quarter turns k of view B per sample: k ~ U{0…3} for a filtered pair, 0 for a raw one (half turns only
+        where the rotation plane is not square)."""
+        k = torch.randint(0, 4, (shape[0],), device=tag.device)
+        k = torch.where((tag > 0) & self.config.rotate_view_b, k, torch.zeros_like(k))
+        dims = rotation_dims(tuple(shape[2:]))
+        return k if shape[dims[0]] == shape[dims[1]] else (k % 2) * 2
 
     def training_step(self, batch, step):
         self.check_batch(batch)
         lab, unl = batch["labeled"], batch["unlabeled"]
         n_l = lab["image"].shape[0]
         a, b, tag = self.make_views(torch.cat([lab["image"], unl["image"]]))
+        k = self.view_b_turns(a.shape, tag)
         dims = rotation_dims(tuple(a.shape[2:]))
-        square = a.shape[dims[0]] == a.shape[dims[1]]
-        k = torch.randint(0, 4, (a.shape[0],), device=a.device) if self.config.rotate_view_b else torch.zeros(
-            a.shape[0], dtype=torch.long, device=a.device)
-        if not square:
-            k = (k % 2) * 2
-        logits1 = self.model(a)
-        logits2 = rotate_quarter(self.model2(rotate_quarter(b, k, dims)), -k % 4, dims)  # back in the common frame
+        b = rotate_quarter(b, k, dims)
+        # one pass per network for the labelled and one for the unlabelled images (official: BN statistics apart)
+        logits1 = torch.cat([self.model(a[:n_l]), self.model(a[n_l:])])
+        logits2 = rotate_quarter(torch.cat([self.model2(b[:n_l]), self.model2(b[n_l:])]), -k % 4, dims)  # common frame
         loss_s1 = supervised_loss(self.loss_fn, logits1[:n_l], lab["label"])
         loss_s2 = supervised_loss(self.loss_fn, logits2[:n_l], lab["label"])
         y1, y2 = logits1[n_l:].detach().argmax(1), logits2[n_l:].detach().argmax(1)

@@ -43,7 +43,8 @@ import numpy as np
 
 __all__ = ["TreeViews", "tree_filter"]
 
-_LEVELS = 255  # uint8 quantisation: q = round(x * 255)
+_LEVELS = 255  # uint8 quantisation: q = floor(x * 255), as the official (x * 255).astype(np.uint8)
+_GRID_TOL = 1e-6  # values on the 255-level grid (k/255 up to float error) keep their level k
 
 
 @lru_cache(maxsize=16)
@@ -55,7 +56,13 @@ def _grid_graph(shape: tuple[int, ...]):
 
 
 def _quantise(image: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Min-max normalise to [0, 1] and quantise to uint8 levels ``round(x*255)``.
+    """Min-max normalise to [0, 1] and quantise to uint8 levels ``floor(x*255)``.
+
+    As the official code's ``(img * 255).astype(np.uint8)`` (truncation, not rounding). Two differences, both
+    float-error guards: a value within 1e-6 of a level from below keeps that level (k/255 computed in floats can fall
+    a hair under k); and the official normalisation divides by ``max − min + 1e-7``, which puts the maximum (and,
+    for images already on a 255-level grid, every level k ≥ 1) one level down, merging the two darkest levels: a
+    side effect of its division guard that we do not copy.
 
     Returns ``(levels, lo, hi)``; callers must handle ``lo == hi`` themselves.
     """
@@ -63,7 +70,7 @@ def _quantise(image: np.ndarray) -> tuple[np.ndarray, float, float]:
     lo = float(x.min())
     hi = float(x.max())
     u = (x - lo) / (hi - lo)
-    q = np.rint(u * _LEVELS)
+    q = np.floor(u * _LEVELS + _GRID_TOL)
     np.clip(q, 0, _LEVELS, out=q)
     return q.astype(np.uint8), lo, hi
 
@@ -148,7 +155,7 @@ def tree_filter(
     Medical Image Segmentation", MedIA 2024 (arXiv:2312.07264).
 
     Steps: (1) min-max normalise to [0, 1] and quantise to uint8 levels
-    ``round(x * 255)``; (2) build the component tree (``"max"``: bright
+    ``floor(x * 255)`` (the official truncation); (2) build the component tree (``"max"``: bright
     components, ``"min"``: dark components) on the 8-connected 2D grid or the
     26-connected 3D grid; (3) delete nodes with area < ``area_threshold`` and
     reconstruct (area opening on the Max-tree, area closing on the Min-tree);
@@ -162,8 +169,9 @@ def tree_filter(
     * Max-tree output <= the quantised input pixelwise, Min-tree output >=
       it (both stages only move a pixel towards the root level).
     * The Min-tree filter is the dual of the Max-tree filter:
-      ``tree_filter(x, "min") == -tree_filter(-x, "max")`` (up to rounding
-      ties of the quantisation).
+      ``tree_filter(x, "min") == -tree_filter(-x, "max")`` (exactly on inputs
+      on the 255-level grid; otherwise up to the quantisation, as floor(255u)
+      and 255 − floor(255(1 − u)) differ off the grid).
     * **A tree that never branches collapses to a constant image** (the root
       level, i.e. the image minimum for the Max-tree and the maximum for the
       Min-tree): e.g. a single bright blob on a flat background, or nested
