@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.loaders import EvalVolume
+from .utils import fault_point
 
 METRICS = ("dice", "iou", "hd95", "asd", "assd")
 _DISTANCES = ("hd95", "asd", "assd")
@@ -253,6 +254,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], volumes: Sequence[
     metrics = _check(metrics, empty)
     per_case, kinds, kept = {}, {}, []
     for vol in volumes:
+        fault_point("evaluate")
         pred = predict_volume(predict, vol, spatial_dims, roi_size=roi_size, device=device, multiple=multiple,
                               overlap=overlap)
         per_case[vol.id], kinds[vol.id] = _case(pred, vol.label, num_classes, metrics, getattr(vol, "spacing", None),

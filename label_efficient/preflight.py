@@ -37,7 +37,7 @@ def check_recipe(recipe: Recipe) -> None:
         if spec.format == "image2d":
             store = CaseStore(spec, data.image_size, data.on_corrupt)
             for case in spec.cases:
-                store.check_depth(case.image)
+                store.check_header(case.image)
             check_memory(spec, data)
 
 

@@ -334,7 +334,10 @@ def parse_recipe(raw: dict, overrides: list[str] | None = None, source: str = "r
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"{source} is not valid:\n{_format(e, Recipe)}") from None
+        problems = _format(e, Recipe)
+        one = problems.count("\n") == 0  # one problem: one line; several: one line each
+        raise RecipeError(f"{source} is not valid: {problems[2:]}" if one else f"{source} is not valid:\n{problems}") \
+            from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

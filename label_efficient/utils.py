@@ -77,7 +77,7 @@ def torch_load(path: str | os.PathLike, what: str = "checkpoint") -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch raise many types for a file that is not a checkpoint
         raise CheckpointError(f"{path} is not a label-efficient model or checkpoint (torch cannot read it: "
-                              f"{str(e).splitlines()[0][:120]})") from None
+                              f"{type(e).__name__}); pass a run's model.pt or a stage's last.ckpt / best.ckpt") from None
     if not isinstance(blob, dict) or "state_dict" not in blob:
         raise CheckpointError(f"{path} is not a label-efficient model or checkpoint (no state_dict)")
     return blob

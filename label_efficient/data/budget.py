@@ -56,7 +56,8 @@ def split_labeled(train: Sequence[Case], budget: LabelBudget) -> tuple[list[Case
     else:
         n = budget.count if budget.count is not None else max(1, round(budget.fraction * len(groups)))
         if n > len(groups):
-            raise DataError(f"label budget of {n} groups exceeds the {len(groups)} train groups (patients/volumes)")
+            raise DataError(f"data.budget: a label budget of {n} groups exceeds the {len(groups)} train groups (patients/volumes); "
+                            "lower data.budget")
         order = np.random.default_rng(budget.seed).permutation(len(groups))
         chosen = {groups[i] for i in order[:n]}
     labeled = [c for c in train if c.group in chosen]

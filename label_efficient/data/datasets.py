@@ -149,7 +149,7 @@ def _stems(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
             continue
         stem = p.name[: -len(suffix)]
         if stem in out:
-            raise DataError(f"{out[stem]} and {p.name} share the stem '{stem}' (masks and outputs are matched by "
+            raise DataError(f"{folder}: {out[stem].name} and {p.name} share the stem '{stem}' (masks and outputs are matched by "
                             "stem): rename or remove one")
         out[stem] = p
     return out

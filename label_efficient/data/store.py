@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import Case, DatasetSpec
-from .readers import (CorruptFileError, DataError, check_pair, image_depth, read_h5, read_image_2d, read_mask_2d,
+from .readers import (GREY_MODES, CorruptFileError, DataError, check_pair, image_depth, read_h5, read_image_2d, read_mask_2d,
                       read_volume)
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class CaseStore:
         spec = self.spec
         label = None
         if spec.format == "image2d":
-            self.check_depth(case.image)
+            self.check_header(case.image)
             image = read_image_2d(case.image, spec.in_channels)
             if with_label:
                 if case.mask is None:
@@ -93,16 +93,19 @@ class CaseStore:
             image = spec.image_remap(image, case)
         return Loaded(image, label, original, original_size)
 
-    def check_depth(self, path: str) -> None:
-        """One bit depth per dataset: 8-bit images are scaled to [0, 1] and 16-bit ones kept raw, so a folder mixing
+    def check_header(self, path: str) -> None:
+        """RGB images for an RGB dataset, and one bit depth per dataset: 8-bit images are scaled to [0, 1] and 16-bit ones kept raw, so a folder mixing
         them would train on two intensity scales."""
         from PIL import Image
 
         try:
             with Image.open(path) as im:
-                depth = image_depth(im.mode)
+                depth, mode = image_depth(im.mode), im.mode
         except OSError:
             return  # unreadable: read_image_2d names it
+        if self.spec.in_channels == 3 and mode in GREY_MODES:
+            raise DataError(f"{path} is a grey image (mode {mode}) but dataset '{self.spec.name}' is RGB "
+                            "(in_channels 3): convert it to RGB, or set data.options.in_channels: 1")
         if self._depth is None:
             self._depth = (depth, path)
         elif depth != self._depth[0]:
