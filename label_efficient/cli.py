@@ -101,6 +101,20 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from .plan import format_fingerprint, plan
+
+    result = plan(args.data_dir, args.out, strategy=args.strategy, labeled=args.labeled, budget_flag=args.budget_flag,
+                  force=args.force, images=args.images, masks=args.masks, name=args.name)
+    for line in result.problems:
+        print(line)
+    print(format_fingerprint(result.fingerprint))
+    if result.lcc is not None:
+        print(f"largest-component cleaning: {result.lcc[1]}")
+    print(f"wrote {result.recipe_path}" + (f" and {result.split_path}" if result.split_path else ""))
+    return 0
+
+
 def _cmd_doctor(args) -> int:
     import torch
 
@@ -151,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_predict)
+    p = sub.add_parser("plan", help="check a data folder, print its fingerprint, write a commented recipe for it")
+    p.add_argument("data_dir", help="images/ + masks/, imagesTr/ + labelsTr/, or an MSD / nnU-Net dataset.json folder")
+    p.add_argument("--out", required=True, help="the recipe to write (.yaml; never inside the data folder)")
+    p.add_argument("--strategy", default="supervised", help="supervised (default), mean_teacher or bcp")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--labeled", type=int, help="label budget: this many train cases")
+    g.add_argument("--budget-flag", help="label budget: the train cases with this 0/1 column = 1 in split.csv")
+    p.add_argument("--images", help="image sub-folder (default images/ or imagesTr/)")
+    p.add_argument("--masks", help="mask sub-folder (default masks/ or labelsTr/)")
+    p.add_argument("--name", help="recipe name (default: the --out file's stem)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=_cmd_plan)
     p = sub.add_parser("doctor", help="device, automatic precision, and fp32 vs bf16 speed of a tiny U-Net step")
     p.add_argument("--steps", type=int, default=5)
     p.set_defaults(func=_cmd_doctor)
