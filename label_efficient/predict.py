@@ -104,11 +104,7 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
         if meta["spatial_dims"] == 3:
             if not is_nifti:
                 raise DataError(f"{f}: a 3D model needs NIfTI input")
-            image = read_volume(f)[None]
-            if data["intensity"] == "zscore":
-                image = (image - image.mean()) / max(float(image.std()), 1e-8)
-            vol = EvalVolume(f.name, torch.from_numpy(image.astype(np.float32))[None], None, [], image.shape[1:])
-            pred = predict_volume(model, vol, 3, roi_size=data["patch_size"])
+            pred = predict_nifti(model, f, data)
             _write_nifti(f, pred, mask_path)
         else:
             if is_nifti:
@@ -132,6 +128,29 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
               f"OOD check: all {len(ood_rows)} image(s) within the training domain's range")
     atomic_write_json(output / MANIFEST, {**claim, "complete": True, "masks": {m.name: str(f) for f, m in plan.items()}})
     return n
+
+
+def predict_nifti(model: torch.nn.Module, path: str | Path, data: dict, device: torch.device | str = "cpu",
+                  overlap: float = 0.5) -> np.ndarray:
+    """Label map of one NIfTI volume on its own grid (its shape, axis order and affine).
+
+    The training geometry and normalisation of the bundle's ``data`` entry are applied as the store applies them —
+    ``orientation`` (axis codes, None/absent: the file's axes), ``spacing`` (mm, None/absent: the file's grid),
+    ``normalize`` (None/absent: ``intensity``'s z-score or nothing) with ``intensity_stats`` for ``ct`` — then the
+    sliding window over ``patch_size``; the logits are resampled back to the file's grid, argmaxed and reoriented
+    (:meth:`~label_efficient.data.geometry.Grid.to_native`). A bundle without these keys predicts as before."""
+    from .data.geometry import Grid, normalize
+    from .data.readers import read_volume_affine
+    from .evaluation import volume_logits
+
+    image, affine = read_volume_affine(path)
+    grid = Grid.plan(image.shape, affine, data.get("orientation"), data.get("spacing"))
+    mode = data.get("normalize") or ("zscore" if data.get("intensity") == "zscore" else None)
+    x = normalize(image[None], mode, data.get("intensity_stats")).astype(np.float32)
+    if not grid.identity:
+        x = grid.image(x)
+    logits = volume_logits(model, torch.from_numpy(x)[None], 3, data["patch_size"], overlap=overlap, device=device)
+    return grid.to_native(logits[0])
 
 
 def _write_png(mask: np.ndarray, path: Path) -> None:

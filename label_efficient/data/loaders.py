@@ -124,7 +124,7 @@ class StepBatches(Dataset):
                  augment: bool = True, patch_size: Sequence[int] | None = None,
                  image_transform: Callable[[np.ndarray], np.ndarray] | None = None,
                  annotation: SliceAnnotation | None = None, target_transform: TargetTransform | None = None,
-                 target_cache: str | Path | None = None):
+                 target_cache: str | Path | None = None, foreground_ratio: float = 0.0):
         self.store, self.streams, self.steps_per_epoch, self.seed = store, dict(streams), steps_per_epoch, seed
         self.image_transform = image_transform
         self._transformed: dict[str, np.ndarray] = {}
@@ -135,7 +135,7 @@ class StepBatches(Dataset):
         if spec.spatial_dims == 3:
             if patch_size is None:
                 raise DataError(f"dataset '{spec.name}' is 3D: set data.patch_size (e.g. [96, 96, 64])")
-            self.augment = Augment3D(patch_size, enabled=augment)
+            self.augment = Augment3D(patch_size, enabled=augment, foreground_ratio=foreground_ratio)
         else:
             self.augment = Augment2D(enabled=augment)
         self.mask_streams = {k: s for k, s in self.streams.items() if isinstance(s, MaskStream)}
@@ -146,6 +146,12 @@ class StepBatches(Dataset):
         if spec.spatial_dims == 3 and any(s.slab for s in self.streams.values()):
             raise DataError(f"dataset '{spec.name}' is 3D: slab streams stack neighbouring 2D slices")
         self._slabs = {name: s.slab_neighbours() for name, s in self.streams.items() if s.slab}
+        if spec.spatial_dims == 3:  # volumes smaller than the patch, structures the patch cannot cover: logged once
+            from .geometry import check_patch_coverage, foreground_extent
+
+            items = {(c.id, s.with_label): store.get(c, s.with_label) for s in self.streams.values() for c in s.cases}
+            check_patch_coverage([(cid, tuple(it.image.shape[1:]), it.spacing, foreground_extent(it.foreground),
+                                   it.native_spacing) for (cid, _), it in items.items()], patch_size)
         labeled = [c for s in self.streams.values() if s.with_label for c in s.cases]
         if any(s.synthetic for s in self.streams.values()) and self._targets_on:
             raise DataError("generated pairs are densely labelled: they cannot be mixed with a sparse annotation or "
@@ -237,7 +243,10 @@ class StepBatches(Dataset):
                     image = np.concatenate([self._image(stream.cases[k], self.store.get(stream.cases[k],
                                                                                         stream.with_label).image)
                                             for k in self._slabs[name][index[j]]])
-                img, lab, extra = self.augment(image, label, _mix(self.seed, sid, step, j), extra)
+                # precomputed foreground voxels for foreground-centred crops (not for a sparse label: its own voxels)
+                fg = {"foreground": item.foreground} if stream.with_label and not self._targets_on \
+                    and isinstance(self.augment, Augment3D) else {}
+                img, lab, extra = self.augment(image, label, _mix(self.seed, sid, step, j), extra, **fg)
                 images.append(torch.from_numpy(img))
                 if stream.with_label:
                     labels.append(torch.from_numpy(np.ascontiguousarray(lab)))
@@ -305,6 +314,12 @@ class EvalVolume:
     label: np.ndarray | None
     cases: list[Case]
     size: tuple[int, ...]  # spatial size of one slice (2D) or of the volume (3D) in the file
+    #: voxel size (mm) of ``label`` (the file's grid; NIfTI only): distances are then reported in mm
+    spacing: tuple[float, ...] | None = None
+    #: 3D on a training grid other than the file's (reoriented/resampled): logits (C, *grid) or a label map on the
+    #: image's grid → label map on ``label``'s grid (:meth:`~label_efficient.data.geometry.Grid.to_native`); None:
+    #: the image is on the label's grid
+    to_native: Callable[[np.ndarray | torch.Tensor], np.ndarray] | None = None
 
 
 def eval_volumes(store: CaseStore, cases: Sequence[Case], with_label: bool = True) -> list[EvalVolume]:
@@ -326,7 +341,10 @@ def eval_volumes(store: CaseStore, cases: Sequence[Case], with_label: bool = Tru
         else:
             image = torch.from_numpy(items[0].image)[None]
             label = items[0].original_label if with_label else None
-        out.append(EvalVolume(vid, image, label, cs, items[0].original_size))
+        grid = getattr(items[0], "grid", None)
+        out.append(EvalVolume(vid, image, label, cs, items[0].original_size,
+                              spacing=grid.native_spacing if grid is not None else None,
+                              to_native=grid.to_native if grid is not None and not grid.identity else None))
     return out
 
 

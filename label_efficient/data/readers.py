@@ -76,17 +76,24 @@ def read_mask_2d(path: str | Path) -> np.ndarray:
 
 def read_volume(path: str | Path) -> np.ndarray:
     """Read a NIfTI (or any MONAI-readable) volume as float32 (X, Y, Z) with MONAI ``LoadImage``."""
+    return read_volume_affine(path)[0]
+
+
+def read_volume_affine(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_volume` plus the volume's voxel-to-world affine (4×4 float64, RAS world as NIfTI stores it)."""
     from monai.transforms import LoadImage
 
     try:
-        volume = np.asarray(LoadImage(image_only=True, dtype=np.float32)(str(path)))
+        volume = LoadImage(image_only=False, dtype=np.float32)(str(path))[0]
+        affine = np.asarray(volume.affine, dtype=np.float64) if hasattr(volume, "affine") else np.eye(4)
+        volume = np.asarray(volume)
     except Exception as e:  # MONAI raises several types for unreadable files
         raise CorruptFileError(f"cannot read volume {path}: {e}") from e
     if volume.ndim != 3:
         raise DataError(f"volume {path} has shape {volume.shape}: one 3D volume (X, Y, Z) per file is expected "
                         "(split a 4D series into one file per time point or channel)")
     check_finite(volume, path)
-    return volume
+    return volume, affine
 
 
 def read_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:

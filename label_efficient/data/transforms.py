@@ -53,24 +53,53 @@ class Augment2D:
 
 class Augment3D:
     """Random crop of ``patch_size`` (zero-padded when the volume is smaller) + rot90/flip in-plane (MONAI); no
-    quarter turn when the patch is not square in-plane."""
+    quarter turn when the patch is not square in-plane.
 
-    def __init__(self, patch_size: Sequence[int], enabled: bool = True):
+    ``foreground_ratio`` = p (nnU-Net: 1/3): with probability p a sample's crop is centred on a foreground voxel
+    (a foreground class drawn uniformly among those present, then one of its voxels; clipped so the patch stays
+    inside the padded volume), else uniform as with p = 0 (which draws exactly the crops it always did). Both draws
+    depend only on the sample's seed (exact resume). ``foreground``: precomputed (N, 1 + 3) rows ``(class, x, y, z)``
+    (:func:`~label_efficient.data.geometry.foreground_locations`); without them the label's voxels are used."""
+
+    def __init__(self, patch_size: Sequence[int], enabled: bool = True, foreground_ratio: float = 0.0):
         from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, SpatialPadd
 
+        if not 0.0 <= foreground_ratio <= 1.0:
+            raise ValueError(f"foreground_ratio must lie in [0, 1], got {foreground_ratio}")
         keys = ["image", "label", "maps"]
         self.patch_size = tuple(patch_size)
-        crop = [SpatialPadd(keys, self.patch_size, allow_missing_keys=True),
-                RandSpatialCropd(keys, self.patch_size, random_size=False, allow_missing_keys=True)]
+        self.foreground_ratio = float(foreground_ratio)
+        self.pad = SpatialPadd(keys, self.patch_size, allow_missing_keys=True)
+        crop = [self.pad, RandSpatialCropd(keys, self.patch_size, random_size=False, allow_missing_keys=True)]
         # a quarter turn in-plane only when it keeps the patch's shape
         turn = [RandRotate90d(keys, prob=0.5, spatial_axes=(0, 1), allow_missing_keys=True)] \
             if self.patch_size[0] == self.patch_size[1] else []
         aug = turn + [RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
                RandFlipd(keys, prob=0.5, spatial_axis=1, allow_missing_keys=True)]
         self.compose = Compose(crop + (aug if enabled else []))
+        self.aug = Compose(aug if enabled else [])
 
-    def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int, maps: Maps | None = None):
+    def _centre(self, label: np.ndarray | None, foreground: np.ndarray | None, seed: int) -> np.ndarray | None:
+        """The foreground voxel a crop is centred on, or None (uniform crop)."""
+        if self.foreground_ratio <= 0 or label is None:
+            return None
+        rng = np.random.default_rng([seed % 2**32, 0x46475F43])  # a stream of its own: the MONAI ones stay as they were
+        if rng.random() >= self.foreground_ratio:
+            return None
+        if foreground is None:
+            from .geometry import foreground_locations
+
+            foreground = foreground_locations(label)
+        if len(foreground) == 0:
+            return None
+        classes = np.unique(foreground[:, 0])
+        rows = foreground[foreground[:, 0] == classes[rng.integers(len(classes))]]
+        return np.asarray(rows[rng.integers(len(rows))][1:], dtype=np.int64)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int, maps: Maps | None = None,
+                 foreground: np.ndarray | None = None):
         """``(image, label, maps)`` cropped and augmented alike; ``label`` and ``maps`` may be ``None``."""
+        centre = self._centre(label, foreground, seed)
         self.compose.set_random_state(seed=seed % 2**32)
         d = {"image": image}
         if label is not None:
@@ -78,7 +107,17 @@ class Augment3D:
         names = list(maps or {})
         if names:
             d["maps"] = np.stack([np.asarray(maps[k], dtype=np.float32) for k in names])
-        out = self.compose(d)
+        if centre is None:
+            out = self.compose(d)
+        else:
+            self.aug.set_random_state(seed=seed % 2**32)
+            shape = np.asarray(image.shape[1:])
+            before = np.maximum(np.asarray(self.patch_size) - shape, 0) // 2  # SpatialPadd pads symmetrically
+            padded = np.maximum(shape, self.patch_size)
+            start = np.clip(centre + before - np.asarray(self.patch_size) // 2, 0, padded - self.patch_size)
+            box = (slice(None),) + tuple(slice(int(a), int(a) + p) for a, p in zip(start, self.patch_size))
+            d = self.pad(d)
+            out = self.aug({k: v[box] for k, v in d.items()})
         img = np.asarray(out["image"], dtype=np.float32)
         lab = np.asarray(out["label"])[0].astype(np.int64) if label is not None else None
         return img, lab, {k: np.asarray(out["maps"][i], dtype=np.float32) for i, k in enumerate(names)}
