@@ -15,23 +15,20 @@ mask is empty) on the same first ``--images`` test images:
   with the centre rule (label-free) and with the oracle cluster;
 - ``otsu`` / ``kmeans-3`` on intensity, with the same label-free centre rule and with the oracle cluster;
 - ``supervised``: `basic_unet` trained on a few labelled train images (``SUPERVISED`` budget) at the same size.
-Each training runs in a single-thread subprocess, resumable.
+Each training runs in a single-thread subprocess, resumable. Run it as a script (it imports only
+``benchmarks/common.py``); ``section(rows)`` is its part of RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, RESULTS_DIR, RUNS_DIR, load_rows, md_table, merge_rows, run_recipe_process
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from acdc_cpu import run_recipe_process  # noqa: E402
-RESULTS = HERE / "results" / "cuts.json"
+RESULTS = RESULTS_DIR / "cuts.json"
 SIZE = 64
 #: binary target per dataset: the label value scored, and which test cases (polyp: Kvasir; ACDC: slices with LV)
 DATASETS = {
@@ -150,27 +147,67 @@ def evaluate(name: str, images: int, runs: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| dataset | method | images | Dice (mean ± s.d. over images) | Hausdorff (px) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['method']} | {r['images']} | {r['dice']:.4f} ± {r['dice_sd']:.4f} | "
-              f"{r['hausdorff']:.2f} |" for r in rows]
-    return "\n".join(lines)
+    return md_table(["dataset", "method", "images", "Dice (mean ± s.d. over images)", "Hausdorff (px)"],
+                    [[r["dataset"], r["method"], r["images"], f"{r['dice']:.4f} ± {r['dice_sd']:.4f}",
+                      f"{r['hausdorff']:.2f}"] for r in rows])
+
+
+def load_results() -> list[dict]:
+    return load_rows(RESULTS)
+
+
+def _reading(rows: list[dict]) -> str:
+    """What the label-free rows show, as the rows have it."""
+    label_free = {}
+    for r in rows:
+        if r["method"].endswith("label-free"):
+            label_free.setdefault(r["dataset"], {})[r["method"]] = r["dice"]
+    cuts_best = {d: max(v for m, v in lf.items() if m.startswith("cuts")) for d, lf in label_free.items()}
+    kmeans = {d: lf.get("kmeans-3, label-free") for d, lf in label_free.items()}
+    beaten = all(k is not None and cuts_best[d] < k for d, k in kmeans.items())
+    out = ("No CUTS label-free row beats k-means on intensity here" if beaten else
+           "A CUTS label-free row beats k-means on intensity on " + ", ".join(
+               d for d, k in kmeans.items() if k is None or cuts_best[d] >= k))
+    polyp = label_free.get("polyp", {})
+    if polyp and min(polyp, key=polyp.get) == "cuts persistent, label-free":
+        out += ("; the persistent map is the worst label-free row on polyps (it keeps many small clusters, and the "
+                "centre prior then picks one of them)")
+    return out + "."
+
+
+def section(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    r0 = rows[0]
+    images = sorted({r["images"] for r in rows})
+    return "\n".join([
+        "## CUTS: unsupervised segmentation against label-free baselines", "",
+        f"Regenerate: `python benchmarks/cuts.py`. Images at {r0['size']}²; CUTS stage 1 ({r0['cuts_steps']} steps, "
+        "`recipes/polyp_cuts.yaml`, no label read; the checkpoint of lowest loss on the val images, checked "
+        "every quarter of the run: `select: val_loss`, the official rule) on the train images, then per test image "
+        "diffusion condensation. Binary target: polyp (Kvasir test) and left-ventricle cavity (ACDC test slices that "
+        "contain it). *label-free* rows choose the granularity and the foreground cluster without any label "
+        "(silhouette level or the official code's *persistent* map of the whole hierarchy, then the centre prior); "
+        f"*oracle* rows choose them with the ground truth, as the paper scores. {_reading(rows)} The val loss fell at "
+        "every check on both datasets, so `val_loss` kept the last step (rows re-made on 2026-12-01 with it, on "
+        f"{' / '.join(map(str, images))} test images; they replace the earlier rows). "
+        f"`supervised`: `basic_unet` on the stated few labels, {r0['supervised_steps']} steps, SGD 0.01.", "",
+        table(rows), ""])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--images", type=int, default=100)
-    ap.add_argument("--runs", default=str(HERE / "runs" / "cuts"))
+    ap.add_argument("--runs", default=str(RUNS_DIR / "cuts"))
     args = ap.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    rows = {(r["dataset"], r["method"]): r for r in (json.loads(RESULTS.read_text()) if RESULTS.exists() else [])}
     for name in args.datasets:
-        for r in evaluate(name, args.images, runs):
-            rows[(r["dataset"], r["method"])] = r
+        new = evaluate(name, args.images, runs)
+        for r in new:
             print(json.dumps(r), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(list(rows.values()), indent=2) + "\n")
+        merge_rows(RESULTS, new, key=lambda r: (r["dataset"], r["method"]))
 
 
 if __name__ == "__main__":

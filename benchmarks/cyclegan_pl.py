@@ -1,6 +1,8 @@
 """CycleGAN pseudo labels (Wang et al. TMI 2021) on Kvasir-SEG polyps: results/cyclegan_pl.json.
 
     python benchmarks/cyclegan_pl.py [--seeds 1337 1338]
+    python benchmarks/cyclegan_pl.py --seeds 1337 --rows cyclegan_shapes
+    python benchmarks/cyclegan_pl.py --mask-areas    # mean mask area of the two centres: results/polyp_mask_area.json
 
 Rows per seed, all on the 700 Kvasir train images at 64², the same U-Net and segmenter steps, scored on the 199
 Kvasir test images (Dice, HD95 in pixels of the original image), each the last step (no model selection):
@@ -15,25 +17,24 @@ Each run is a single-thread resumable subprocess (``run_recipe_process``); ``--s
 each finished CycleGAN run the pseudo labels of its frozen G_s (argmax, and cleaned: largest component + holes
 filled) are scored against the true masks of the 101 Kvasir *val* images (a diagnostic the spec's pitfalls ask for;
 no run uses these labels) as ``pseudo_label_val_dice``, beside the final segmenter's val Dice.
+
+Run it as a script (it imports only ``benchmarks/common.py``); ``section(rows)`` is its part of RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
+from common import ROOT, RESULTS_DIR, RUNS_DIR, exact, load_json, load_rows, md_table, rounded, run_recipe_process, write_json
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from acdc_cpu import run_recipe_process  # noqa: E402
-
-RESULTS = HERE / "results" / "cyclegan_pl.json"
-RUNS = HERE / "runs" / "cyclegan_pl"
+RESULTS = RESULTS_DIR / "cyclegan_pl.json"
+RUNS = RUNS_DIR / "cyclegan_pl"
+#: mean foreground area of the two centres' train masks (``--mask-areas``)
+MASK_AREA = RESULTS_DIR / "polyp_mask_area.json"
 GAN_STEPS, SEG_STEPS, BATCH = 1000, 1200, 2
 PROTOCOL = {"image_size": 64, "gan_steps": GAN_STEPS, "segmenter_steps": SEG_STEPS, "batch": BATCH,
             "aux_masks": "polyp_kvasir_cvc cvc_clinicdb train masks (428)", "test": "kvasir test (199)"}
@@ -105,13 +106,114 @@ def pseudo_label_dice(run: Path) -> dict:
             "final_segmenter": round(float(np.mean(seg)), 4), "images": len(raw)}
 
 
+def mask_areas(size: int = PROTOCOL["image_size"]) -> dict:
+    """Mean foreground fraction of the train masks of each polyp centre at the benchmark's image size."""
+    import numpy as np
+
+    from label_efficient.data import CaseStore, build_dataset
+
+    spec = build_dataset("polyp_kvasir_cvc")
+    store = CaseStore(spec, (size, size))
+    out = {}
+    for domain in ("kvasir", "cvc_clinicdb"):
+        cases = spec.select("train", domain)
+        out[domain] = {"images": len(cases),
+                       "mean_area": round(float(np.mean([(store.get(c, True).label > 0).mean() for c in cases])), 4)}
+    return {"command": "python benchmarks/cyclegan_pl.py --mask-areas", "split": "train", "image_size": size,
+            "area": "foreground pixels / image pixels, mean over the split's masks", "domains": out}
+
+
+#: the table's rows per seed, and the label of each on its first seed
+ORDER = {"cyclegan_nwd": "cyclegan_nwd (noise-weighted Dice, 2 rounds)", "cyclegan_raw": "cyclegan_raw (plain Dice, 1 round)",
+         "supervised_true": "supervised_true", "cyclegan_shapes": "cyclegan_shapes (ellipses, noise-weighted)"}
+
+
+def load_results() -> dict:
+    return {"rows": load_rows(RESULTS), "mask_area": load_json(MASK_AREA)}
+
+
+def table(rows: list[dict]) -> str:
+    by = {r["row"]: r for r in rows}
+    out, labelled = [], set()
+    for seed in sorted({r["seed"] for r in rows}):
+        for name, label in ORDER.items():
+            r = by.get(f"{name}:{seed}")
+            if r is None:
+                continue
+            pl = r.get("pseudo_label_val_dice")
+            out.append([label if name not in labelled else name, seed, rounded(r["mean_dice"], 3), rounded(r["hd95"], 1),
+                        rounded(pl["raw"], 3) if pl else "–"])
+            labelled.add(name)
+    return md_table(["row", "seed", "test Dice", "HD95", "G_s val Dice"], out)
+
+
+def _reading(rows: list[dict], mask_area: dict | None) -> str:
+    by = {r["row"]: r for r in rows}
+    dice = lambda name, seed: by[f"{name}:{seed}"]["mean_dice"] if f"{name}:{seed}" in by else None
+    seeds = sorted({r["seed"] for r in rows})
+    cyclegan = [n for n in ORDER if n.startswith("cyclegan")]
+    share = {s: [exact(dice(n, s)) / exact(dice("supervised_true", s)) for n in cyclegan if dice(n, s) is not None]
+             for s in seeds if dice("supervised_true", s)}
+    good = max(share, key=lambda s: min(share[s]))
+    bad = min(share, key=lambda s: min(share[s]))
+    nwd_bad = by[f"cyclegan_nwd:{bad}"]
+    rounds = nwd_bad["rounds"]
+    lo, hi = rounded(100 * min(share[good]), 0), rounded(100 * max(share[good]), 0)
+    out = (f"Reading: on seed {good} the pseudo labels reach {lo if lo == hi else f'{lo}–{hi}'} % of the "
+           f"true-label Dice; on seed {bad} Stage A failed (pseudo-label val Dice "
+           f"{rounded(nwd_bad['pseudo_label_val_dice']['raw'], 2)})")
+    if dice("cyclegan_nwd", bad) < dice("cyclegan_raw", bad) and "2" in rounds:
+        out += (" and noise weighting made the collapse worse (the foreground fraction fell from "
+                f"{rounded(rounds['1']['fg_fraction'], 2)} to {rounded(rounds['2']['fg_fraction'], 2)} in round 2)")
+    out += ". "
+    nwd_wins = [s for s in seeds if None not in (dice("cyclegan_nwd", s), dice("cyclegan_raw", s))
+                and dice("cyclegan_nwd", s) > dice("cyclegan_raw", s)]
+    out += ("Noise weighting did not beat plain Dice on either seed at this budget (the paper trains 200 epochs). "
+            if not nwd_wins else f"Noise weighting beat plain Dice on seed {', '.join(map(str, nwd_wins))} only. ")
+    shapes = [s for s in seeds if None not in (dice("cyclegan_shapes", s), dice("cyclegan_nwd", s))]
+    if shapes and all(dice("cyclegan_shapes", s) > dice("cyclegan_nwd", s) for s in shapes):
+        out += f"The ellipse shape model beat CVC's masks on {'both seeds' if len(shapes) == 2 else 'every seed'}"
+        if mask_area:
+            a = mask_area["domains"]
+            out += (f"; CVC's polyps are smaller (mean area {rounded(a['cvc_clinicdb']['mean_area'], 2)} vs Kvasir's "
+                    f"{rounded(a['kvasir']['mean_area'], 2)}, `{mask_area['command']}`), and that size prior leaks into the "
+                    "pseudo labels")
+        out += "."
+    return out
+
+
+def section(rows: dict) -> str:
+    rs = rows["rows"]
+    if not rs:
+        return ""
+    p = rs[0]["protocol"]
+    val_images = next(r["pseudo_label_val_dice"]["images"] for r in rs if "pseudo_label_val_dice" in r)
+    return "\n".join([
+        "## CycleGAN pseudo labels on Kvasir (no training label)", "",
+        "Regenerate: `python benchmarks/cyclegan_pl.py` (rows `cyclegan_nwd`, `cyclegan_raw`, `supervised_true`, "
+        "seeds 1337/1338), then `python benchmarks/cyclegan_pl.py --seeds 1337 --rows cyclegan_shapes` and the same "
+        f"with `--seeds 1338`; rows in `results/cyclegan_pl.json`. Kvasir images at {p['image_size']}², one thread: "
+        f"{p['gan_steps']} CycleGAN steps (Stage A) + {p['segmenter_steps']} segmenter steps (Stage B, 2 rounds) at "
+        f"batch {p['batch']}; the unpaired masks are CVC-ClinicDB's 428 train masks (`cyclegan_shapes`: the ellipse "
+        "shape model instead). `cyclegan_raw`: plain Dice (`weighting: none`), 1 round. `supervised_true`: the same "
+        f"segmenter on the same Kvasir images with their true labels, {p['segmenter_steps']} steps (upper bound). "
+        "Scored on the 199 Kvasir test images at the last step; HD95 in original-image pixels. *G_s val Dice* is the "
+        f"Dice of the CycleGAN's pseudo labels on the {val_images} Kvasir val images, a diagnostic only (no run reads "
+        "those labels).", "", table(rs), "", _reading(rs, rows["mask_area"]), ""])
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
     ap.add_argument("--rows", nargs="+", default=["cyclegan_nwd", "supervised_true", "cyclegan_raw"])
+    ap.add_argument("--mask-areas", action="store_true", help=f"only write {MASK_AREA.name} (mean train-mask area)")
     args = ap.parse_args()
-    rows = {r["row"]: r for r in (json.loads(RESULTS.read_text()) if RESULTS.exists() else [])}
-    save = lambda: RESULTS.write_text(json.dumps(list(rows.values()), indent=1))
+    if args.mask_areas:
+        write_json(MASK_AREA, mask_areas(), indent=1)
+        print(MASK_AREA.read_text())
+        return
+    rows = {r["row"]: r for r in load_rows(RESULTS)}
+    save = lambda: write_json(RESULTS, list(rows.values()), indent=1)
     for seed in args.seeds:
         for name in args.rows:
             key = f"{name}:{seed}"
@@ -124,7 +226,6 @@ def main() -> None:
                          "hd95": round(m["mean_hd95"], 2), "train_seconds": round(m["train_seconds"], 1),
                          "steps": sum(s["steps"] for s in m["stages"]), "rounds": per_round(out),
                          "threads": 1, "protocol": PROTOCOL}
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
             save()
             print(json.dumps(rows[key]), flush=True)
     for key, row in rows.items():

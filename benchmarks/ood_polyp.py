@@ -23,21 +23,24 @@ Scores (higher = more likely a failure):
 
 Also reported: AUROC on the source test images alone (in-domain failures), AUROC of source test vs. target test
 (does the score see the centre change at all), and the paired bootstrap 95 % interval of the target AUROC minus
-the Mahalanobis one (1000 resamples of the target images).
+the Mahalanobis one (1000 resamples of the target images). Run it as a script (it imports only
+``benchmarks/common.py``); ``section(rows)`` is its part of RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from acdc_cpu import run_recipe_process  # noqa: E402
-from sfda_polyp import PROTOCOL, SHORT, _recipe, _supervised  # noqa: E402
+from common import (POLYP_PROTOCOL, POLYP_SHORT, RESULTS_DIR, RUNS_DIR, load_rows, md_table, polyp_recipe,
+                    polyp_supervised_stage, run_recipe_process, span, write_json)
 
-RESULTS = HERE / "results" / "ood_polyp.json"
+RESULTS = RESULTS_DIR / "ood_polyp.json"
+#: the source models are those of sfda_polyp.py (the same recipe and run folder)
+PROTOCOL, SHORT = POLYP_PROTOCOL, POLYP_SHORT
+#: the score the shipped warning uses (``OODDetector.flag``)
+DEFAULT_SCORE = "knn_k5"
+#: the AUROC a usable failure warning should reach
+USEFUL_AUROC = 0.7
 FEATURE_SCORES = ("mahalanobis", "knn_k1", "knn_k5", "knn_k50", "knn_k5_bottleneck+decoder")
 LABELS = {"mahalanobis": "Mahalanobis, PCA-32 of pooled bottleneck (previous default)",
           "knn_k1": "deep kNN k=1, L2-normalised pooled bottleneck",
@@ -96,7 +99,7 @@ def _source_model(src: str, tgt: str, runs: Path) -> Path:
     tag = f"{SHORT[src]}_to_{SHORT[tgt]}"
     out = runs / tag / "source"
     if not (out / "model.pt").exists():
-        run_recipe_process(_recipe(f"{tag}_source", src, [_supervised(PROTOCOL["source_steps"])]), out)
+        run_recipe_process(polyp_recipe(f"{tag}_source", src, [polyp_supervised_stage(PROTOCOL["source_steps"])]), out)
     return out / "model.pt"
 
 
@@ -183,34 +186,56 @@ def direction(src: str, tgt: str, runs: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| direction | score | AUROC target | AUROC source∪target | AUROC source | target − Mahalanobis (95 % CI) | "
-             "TPR / FPR @ val-95 % (target) | AUROC source vs target | n target (failures) | n source (failures) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    out = []
     for r in rows:
         rate = f"{r['tpr_at_val95']:.2f} / {r['fpr_at_val95']:.2f}" if r["tpr_at_val95"] is not None else ""
         lo, hi = r["target_minus_mahalanobis_ci95"]
         diff = "" if r["score"] == "mahalanobis" else f"[{lo:+.3f}, {hi:+.3f}]"
-        lines.append(f"| {r['direction']} | {LABELS.get(r['score'], r['score'])} | {r['auroc_target']:.3f} | "
-                     f"{r['auroc_source_and_target']:.3f} | {r['auroc_source']:.3f} | {diff} | {rate} | "
-                     f"{r['auroc_shift']:.3f} | {r['n_target']} ({r['n_target_failures']}) | "
-                     f"{r['n_source']} ({r['n_source_failures']}) |")
-    return "\n".join(lines)
+        out.append([r["direction"], LABELS.get(r["score"], r["score"]), f"{r['auroc_target']:.3f}",
+                    f"{r['auroc_source_and_target']:.3f}", f"{r['auroc_source']:.3f}", diff, rate,
+                    f"{r['auroc_shift']:.3f}", f"{r['n_target']} ({r['n_target_failures']})",
+                    f"{r['n_source']} ({r['n_source_failures']})"])
+    return md_table(["direction", "score", "AUROC target", "AUROC source∪target", "AUROC source",
+                     "target − Mahalanobis (95 % CI)", "TPR / FPR @ val-95 % (target)", "AUROC source vs target",
+                     "n target (failures)", "n source (failures)"], out)
+
+
+def load_results() -> list[dict]:
+    return load_rows(RESULTS)
+
+
+def section(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    directions = list(dict.fromkeys(r["direction"] for r in rows))
+    both = [s for s in dict.fromkeys(r["score"] for r in rows)
+            if all(r["auroc_target"] >= USEFUL_AUROC for r in rows if r["score"] == s)
+            and len([r for r in rows if r["score"] == s]) == len(directions)]
+    reach = (f"No score reaches AUROC {USEFUL_AUROC} on the target images in both directions" if not both else
+             f"{', '.join(LABELS.get(s, s) for s in both)} reach AUROC {USEFUL_AUROC} on the target images in both "
+             "directions")
+    shift = [r["auroc_shift"] for r in rows if r["score"] == DEFAULT_SCORE]
+    return "\n".join([
+        "## Does the failure warning work? (polyp centres)", "",
+        "Regenerate: `python benchmarks/ood_polyp.py`. Source models of `benchmarks/sfda_polyp.py` (one per "
+        "direction, one seed); every score is fitted on the source domain only; failure = image Dice < 0.5. "
+        f"*shift* = AUROC of source test vs. target test images. {reach}; the shipped warning (deep kNN, k = 5) sees "
+        f"the centre change (shift AUROC {span(shift, '.2f')}), not which masks are wrong.", "", table(rows), ""])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--directions", nargs="*", default=["kvasir:cvc_clinicdb", "cvc_clinicdb:kvasir"])
-    ap.add_argument("--runs", default=str(HERE / "runs" / "sfda"))
+    ap.add_argument("--runs", default=str(RUNS_DIR / "sfda"))
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    rows = load_rows(RESULTS)
     if not args.table_only:
         for d in args.directions:
             src, tgt = d.split(":")
             new = direction(src, tgt, Path(args.runs))
             rows = [r for r in rows if r["direction"] != f"{src}->{tgt}"] + new
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+            write_json(RESULTS, rows)
     print(table(rows))
 
 

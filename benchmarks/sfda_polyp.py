@@ -11,49 +11,26 @@ target val). Adaptation stages start from the source model.pt and see unlabelled
 run a fixed number of steps (no target-label model selection). "recovered" = (adapted − source-only) /
 (oracle − source-only). OOD AUROC: Mahalanobis score vs. "Dice < 0.5" per target test image, before adaptation
 (detector fitted on the source domain) and after (fitted on the adapted model's target training images).
+Run it as a script (it imports only ``benchmarks/common.py``); ``section(rows)`` is its part of RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from acdc_cpu import load_rows, run_recipe_process, write_markdown  # noqa: E402
+from common import (POLYP_PROTOCOL, POLYP_SHORT, RESULTS_DIR, ROOT, RUNS_DIR, load_json, load_rows, md_table, pct,
+                    polyp_recipe, polyp_supervised_stage, rebuild_report, run_recipe_process, write_json)
+from common import with_recovered as _with_recovered
 
-RESULTS = HERE / "results" / "sfda_polyp.json"
-PROTOCOL = {
-    "seed": 1337,
-    "image_size": [128, 128],
-    "backbone": {"name": "unet", "kwargs": {"channels": [16, 32, 64, 128, 256], "num_res_units": 0}},
-    "trainer": {"precision": "auto", "progress_bar": False, "log_every": 50},
-    "source_steps": 3000,
-    "adapt_steps": 300,
-    "batch": 8,
-    "train_opt": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001, "schedule": "poly"},
-    "bn_opt": {"name": "adam", "lr": 0.0001, "weight_decay": 0.0, "schedule": "constant"},
-    "upl_opt": {"name": "adam", "lr": 0.00001, "weight_decay": 0.0, "schedule": "constant"},
-}
-SHORT = {"kvasir": "kvasir", "cvc_clinicdb": "cvc"}
+RESULTS = RESULTS_DIR / "sfda_polyp.json"
+#: reference rows of earlier commits that the section compares with (recovered from git, commands in the file)
+SUPERSEDED = RESULTS_DIR / "superseded_rows.json"
+PROTOCOL = POLYP_PROTOCOL  #: shared with ood_polyp.py, which scores these source models
+SHORT = POLYP_SHORT
 #: rows that are references, not adaptations (no "recovered" share)
 REFERENCES = ("source_only", "oracle", "source_on_source_test")
-
-
-def _recipe(name: str, domain: str, stages: list[dict], seed: int | None = None) -> dict:
-    p = PROTOCOL
-    return {"name": name, "seed": p["seed"] if seed is None else seed, "backbone": p["backbone"], "trainer": p["trainer"],
-            "data": {"dataset": "polyp_kvasir_cvc", "domain": domain, "image_size": p["image_size"],
-                     "budget": {"all": True}},
-            "evaluation": {"metrics": ["dice", "hd95"], "overlays": 2}, "stages": stages}
-
-
-def _supervised(steps: int) -> dict:
-    p = PROTOCOL
-    return {"strategy": "supervised", "steps": steps, "val_every": 250, "batch_size": {"labeled": p["batch"]},
-            "optimizer": p["train_opt"]}
+_recipe, _supervised = polyp_recipe, polyp_supervised_stage
 
 
 def _adapt(strategy: str, init: str, target: str, config: dict | None = None) -> dict:
@@ -83,7 +60,7 @@ SDC_TRANSLATE_STEPS = 1000
 def _sdc_uda(src: str, tgt: str, seed: int) -> dict:
     import yaml
 
-    r = yaml.safe_load((HERE.parent / "recipes" / "polyp_sdc_uda.yaml").read_text())
+    r = yaml.safe_load((ROOT / "recipes" / "polyp_sdc_uda.yaml").read_text())
     r["data"].update(domain=tgt, labeled_domain=src)
     r["stages"][0]["steps"] = SDC_TRANSLATE_STEPS
     return {**r, "name": f"{SHORT[src]}_to_{SHORT[tgt]}_sdc_uda", "seed": seed, "trainer": PROTOCOL["trainer"],
@@ -173,48 +150,81 @@ def _seed(r: dict) -> int:
 def with_recovered(rows: list[dict]) -> list[dict]:
     """Set "recovered" = (adapted − source-only) / (oracle − source-only); undefined (None) when the oracle does
     not beat source-only, i.e. when there is no domain drop to recover."""
-    by = {(r["direction"], _seed(r), r["method"]): r["mean_dice"] for r in rows}
-    for r in rows:
-        so, orc = by.get((r["direction"], _seed(r), "source_only")), by.get((r["direction"], _seed(r), "oracle"))
-        adapted = r["method"] not in REFERENCES
-        ok = adapted and so is not None and orc is not None and orc > so
-        r["recovered"] = round((r["mean_dice"] - so) / (orc - so), 4) if ok else None
-    return rows
+    return _with_recovered(rows, lambda r: (r["direction"], _seed(r)), REFERENCES)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| direction | seed | method | mean Dice | HD95 (px) | drop recovered | s / adapt step | OOD AUROC (Dice<0.5) |",
-             "|---|---|---|---|---|---|---|---|"]
+    out = []
     for r in rows:
-        rec = f"{100 * r['recovered']:.0f} %" if r["recovered"] is not None else ""
+        rec = pct(r["recovered"]) if r["recovered"] is not None else ""
         if r["recovered"] is None and r["method"] not in REFERENCES:
             rec = "n/a (oracle ≤ source-only)"
         sps = f"{r['sec_per_adapt_step']:.3f}" if r["sec_per_adapt_step"] else ""
         ood = f"{r['ood_auroc']:.3f}" if r["ood_auroc"] is not None else ""
-        lines.append(f"| {r['direction']} | {_seed(r)} | {r['method']} | {r['mean_dice']:.4f} | {r['hd95']:.2f} | {rec} | {sps} | {ood} |")
-    return "\n".join(lines)
+        out.append([r["direction"], _seed(r), r["method"], f"{r['mean_dice']:.4f}", f"{r['hd95']:.2f}", rec, sps, ood])
+    return md_table(["direction", "seed", "method", "mean Dice", "HD95 (px)", "drop recovered", "s / adapt step",
+                     "OOD AUROC (Dice<0.5)"], out)
+
+
+def load_results() -> dict:
+    return {"rows": with_recovered(load_rows(RESULTS)), "superseded": load_json(SUPERSEDED, {}).get("sfda_polyp")}
+
+
+def _remade(rows: list[dict], old: dict | None) -> str:
+    """The seed-1337 references re-made with the SDC-UDA rows, beside the earlier ones the BN/UPL rows had."""
+    if not old:
+        return ""
+
+    def dice(rs: list[dict], direction: str, method: str) -> str:
+        return next(f"{r['mean_dice']:.4f}" for r in rs
+                    if r["direction"] == direction and r["method"] == method and _seed(r) == old["seed"])
+
+    kc, ck = "kvasir->cvc_clinicdb", "cvc_clinicdb->kvasir"
+    new, was = rows, old["rows"]
+    return (f"The seed-{old['seed']} source-only, oracle and source-on-source rows were re-made on 2026-12-01 with "
+            "the SDC-UDA rows (the source folder re-evaluated, the oracle re-trained): kvasir→cvc source-only "
+            f"{dice(new, kc, 'source_only')} and oracle {dice(new, kc, 'oracle')}, where the same seed's BN/UPL rows, "
+            f"made earlier, had {dice(was, kc, 'source_only')} and {dice(was, kc, 'oracle')} beside them; cvc→kvasir "
+            f"{dice(new, ck, 'source_only')} and {dice(new, ck, 'oracle')}, where they had "
+            f"{dice(was, ck, 'source_only')} and {dice(was, ck, 'oracle')} (the earlier rows: `{old['command']}`). ")
+
+
+def section(rows: dict) -> str:
+    if not rows["rows"]:
+        return ""
+    p = PROTOCOL
+    return "\n".join([
+        "## Source-free adaptation across polyp centres (Kvasir-SEG ↔ CVC-ClinicDB)", "",
+        f"Regenerate: `python benchmarks/sfda_polyp.py`. Images resized to {p['image_size'][0]}², same U-Net; "
+        f"source and oracle {p['source_steps']} supervised steps (selected on their own val split); adaptation "
+        f"{p['adapt_steps']} steps per method on unlabelled target train images, last checkpoint (no target "
+        "labels for selection). Dice/HD95 on the target test split, per image. drop recovered = (adapted − "
+        "source-only) / (oracle − source-only). `sdc_uda` (`--methods sdc_uda`; unsupervised DA, it reads the "
+        f"labelled source): `recipes/polyp_sdc_uda.yaml` with {SDC_TRANSLATE_STEPS} translation steps, trained from "
+        "scratch. Every `sdc_uda` row was made after commit ae086f5 (the discriminator's R1 penalty summed over the "
+        f"slab, as in the official code). {_remade(rows['rows'], rows['superseded'])}"
+        "The seed-1338 rows are one consistent set.", "", table(rows["rows"]), ""])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--directions", nargs="*", default=["kvasir:cvc_clinicdb", "cvc_clinicdb:kvasir"])
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--runs", default=str(HERE / "runs" / "sfda"))
+    ap.add_argument("--runs", default=str(RUNS_DIR / "sfda"))
     ap.add_argument("--seed", type=int, default=PROTOCOL["seed"])
     ap.add_argument("--methods", nargs="*", default=None, help="adaptation rows to run (default: all of METHODS)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    rows = with_recovered(json.loads(RESULTS.read_text())) if RESULTS.exists() else []
+    rows = with_recovered(load_rows(RESULTS))
     if not args.table_only:
         for d in args.directions:
             src, tgt = d.split(":")
             new = direction(src, tgt, Path(args.runs), args.jobs, args.seed, args.methods)
             done = {(r["direction"], r["method"]) for r in new}
             rows = [r for r in rows if _seed(r) != args.seed or (r["direction"], r["method"]) not in done] + new
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
-    RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
-    write_markdown(load_rows())
+            write_json(RESULTS, rows)
+    write_json(RESULTS, rows)
+    rebuild_report()
     print(table(rows))
 
 

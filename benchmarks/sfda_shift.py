@@ -21,21 +21,24 @@ Unsupervised stopping (``--methods "bn_sfda, label-free stop" "upl_sfda, label-f
 ``STOPPING_STEPS`` steps with ``select: label_free`` (flip consistency on the target val images, masks unread, every
 100 steps); its row is the chosen checkpoint (``chosen_step`` in the JSON), and a "last of N" row scores the same
 run's last step.
+
+Run it as a script (it imports only ``benchmarks/common.py``); ``section(rows)`` is its part of RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from acdc_cpu import load_rows, run_recipe_process, write_markdown  # noqa: E402
+from common import (RESULTS_DIR, RUNS_DIR, load_json, load_rows, md_table, mean_sd, merge_rows, pct, rebuild_report,
+                    run_recipe_process, sdc_uda_recipe, summarise)
+from common import with_recovered as _with_recovered
 
-RESULTS = HERE / "results" / "sfda_shift.json"
-RUNS = HERE / "runs" / "sfda_shift"
+RESULTS = RESULTS_DIR / "sfda_shift.json"
+RUNS = RUNS_DIR / "sfda_shift"
+#: rows of earlier commits the section compares with (recovered from git, commands in the file)
+SUPERSEDED = RESULTS_DIR / "superseded_rows.json"
 SHIFTS = {"inverted": {}, "no_inversion": {"invert": False}}
 PROTOCOL = {
     "image_size": [64, 64],
@@ -108,8 +111,6 @@ def run(shift: str, method: str, seed: int) -> list[dict]:
     if method == "source_only":
         m, seconds = evaluate_on_target(source_model(seed), shift, seed), None
     elif method == "sdc_uda":  # unsupervised DA with the source data (not source-free): benchmarks/sdc_uda.py's recipe
-        from sdc_uda import sdc_uda_recipe
-
         r = sdc_uda_recipe()
         r["data"]["options"] = _data(shift)["options"]
         r = {**r, "seed": seed, "backbone": PROTOCOL["backbone"], "evaluation": {"metrics": ["dice", "hd95"], "overlays": 0}}
@@ -152,42 +153,71 @@ def stopping_rows(shift: str, method: str, seed: int) -> list[dict]:
 
 
 def _row(shift: str, method: str, seed: int, m: dict, seconds: float | None) -> dict:
-    return {"shift": shift, "method": method, "seed": seed, "mean_dice": round(m["mean_dice"], 4),
-            "hd95": round(m["mean_hd95"], 2), "per_class_dice": {k: round(v, 4) for k, v in m["per_class"]["dice"].items()},
-            "sec_per_adapt_step": seconds, "threads": 1}
+    return {"shift": shift, "method": method, "seed": seed, **summarise(m), "sec_per_adapt_step": seconds, "threads": 1}
 
 
 def with_recovered(rows: list[dict]) -> list[dict]:
     """(adapted − source-only) / (oracle − source-only) on the same shift and seed; None without a drop."""
-    by = {(r["shift"], r["method"], r["seed"]): r["mean_dice"] for r in rows}
-    for r in rows:
-        so, orc = by.get((r["shift"], "source_only", r["seed"])), by.get((r["shift"], "oracle", r["seed"]))
-        ok = r["method"] not in REFERENCES and so is not None and orc is not None and orc > so
-        r["recovered"] = round((r["mean_dice"] - so) / (orc - so), 4) if ok else None
-    return rows
+    return _with_recovered(rows, lambda r: (r["shift"], r["seed"]), REFERENCES)
 
 
 def table(rows: list[dict]) -> str:
     """Per shift and method: Dice and recovered share per seed, and their seed means."""
-    lines = ["| scanner (simulated) | method | seeds | mean Dice per seed | mean Dice (mean ± s.d.) | HD95 (mean) | "
-             "drop recovered per seed | drop recovered (mean) | s / adapt step |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["shift"], r["method"]), []).append(r)
+    out = []
     for (shift, method), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         d = [r["mean_dice"] for r in rs]
-        ms = f"{statistics.mean(d):.4f} ± {statistics.stdev(d):.4f}" if len(d) > 1 else f"{d[0]:.4f}"
         rec = [r["recovered"] for r in rs if r.get("recovered") is not None]
         sps = [r["sec_per_adapt_step"] for r in rs if r.get("sec_per_adapt_step")]
         chosen = [str(r["chosen_step"]) for r in rs if "chosen_step" in r]
         name = f"{method} (chosen step {', '.join(chosen)})" if chosen else method
-        lines.append(f"| {shift} | {name} | {', '.join(str(r['seed']) for r in rs)} | "
-                     f"{', '.join(f'{x:.4f}' for x in d)} | {ms} | {statistics.mean(r['hd95'] for r in rs):.2f} | "
-                     f"{', '.join(f'{100 * x:.0f} %' for x in rec)} | "
-                     f"{f'{100 * statistics.mean(rec):.0f} %' if rec else ''} | "
-                     f"{f'{statistics.mean(sps):.3f}' if sps else ''} |")
-    return "\n".join(lines)
+        out.append([shift, name, ", ".join(str(r["seed"]) for r in rs), ", ".join(f"{x:.4f}" for x in d),
+                    mean_sd(d) or f"{d[0]:.4f}", f"{statistics.mean(r['hd95'] for r in rs):.2f}",
+                    ", ".join(pct(x) for x in rec), pct(statistics.mean(rec)) if rec else "",
+                    f"{statistics.mean(sps):.3f}" if sps else ""])
+    return md_table(["scanner (simulated)", "method", "seeds", "mean Dice per seed", "mean Dice (mean ± s.d.)",
+                     "HD95 (mean)", "drop recovered per seed", "drop recovered (mean)", "s / adapt step"], out)
+
+
+def load_results() -> dict:
+    return {"rows": with_recovered(load_rows(RESULTS)), "superseded": load_json(SUPERSEDED, {}).get("sfda_shift")}
+
+
+def _sdc_uda_refit(rows: list[dict], old: dict | None) -> str:
+    """The re-made ``sdc_uda`` rows beside the pre-fix ones (no-inversion scanner)."""
+    new = sorted((r for r in rows if r["method"] == "sdc_uda" and r["shift"] == "no_inversion"), key=lambda r: r["seed"])
+    if not old or not new:
+        return ""
+    was = {r["seed"]: r["mean_dice"] for r in old["rows"]}
+    now = " / ".join(f"{r['mean_dice']:.4f}" for r in new)
+    before = " / ".join(f"{was[r['seed']]:.4f}" for r in new if r["seed"] in was)
+    return f": on the scanner without inversion {now} where the pre-fix rows had {before} (`{old['command']}`)"
+
+
+def section(rows: dict) -> str:
+    if not rows["rows"]:
+        return ""
+    p = PROTOCOL
+    return "\n".join([
+        "## Source-free adaptation on simulated scanner shifts (ACDC)", "",
+        "Regenerate: `python benchmarks/sfda_shift.py`. **The shifts are simulated** (dataset `simulated_shift`): "
+        "half of the ACDC patients of every split are re-imaged by a simulated target scanner, `inverted` = gamma "
+        "0.6, contrast inversion, bias field ±30 %, blur σ 1 px (the SDC-UDA benchmark's), `no_inversion` = the "
+        f"same without the inversion. {p['image_size'][0]}², `basic_unet` (BN, encoder dropout), source and oracle "
+        f"{p['train']['steps']} supervised steps (last step), adaptation {p['adapt']['steps']} steps on unlabelled "
+        "target train slices (last step, no target label read). Dice mean over RV/MYO/LV on the 20 target test "
+        "volumes; drop recovered = (adapted − source-only) / (oracle − source-only), same seed. *label-free stop* "
+        f"rows: the method adapts for {STOPPING_STEPS} steps with `select: label_free` (flip consistency on the 20 "
+        "target val volumes, masks unread, every 100 steps, and of the source model before step 1) and is scored at "
+        "the chosen step (0: the source model was kept, i.e. the rule declined to adapt); *last of "
+        f"{STOPPING_STEPS}* is the same run's last step (`python benchmarks/sfda_shift.py --methods "
+        "\"bn_sfda, label-free stop\" \"upl_sfda, label-free stop\"`). *sdc_uda* rows (`--methods sdc_uda`, "
+        "`benchmarks/sdc_uda.py`'s schedule on this backbone; unsupervised DA: it reads the labelled source "
+        "images) were re-made after commit ae086f5 (R1 penalty summed over the slab)"
+        f"{_sdc_uda_refit(rows['rows'], rows['superseded'])}.", "", table(rows["rows"]), ""])
 
 
 def main() -> None:
@@ -197,19 +227,17 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[1337, 1338])
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    rows = {(r["shift"], r["method"], r["seed"]): r for r in (json.loads(RESULTS.read_text()) if RESULTS.exists() else [])}
+    key = lambda r: (r["shift"], r["method"], r["seed"])
     if not args.table_only:
         for seed in args.seeds:
             for shift in args.shifts:
                 for method in args.methods:
-                    for r in run(shift, method, seed):
-                        rows[(shift, r["method"], seed)] = r
+                    new = run(shift, method, seed)
+                    for r in new:
                         print(json.dumps(r), flush=True)
-                    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                    RESULTS.write_text(json.dumps(with_recovered(list(rows.values())), indent=2) + "\n")
-    out = with_recovered(list(rows.values()))
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-    write_markdown(load_rows())
+                    merge_rows(RESULTS, with_recovered(load_rows(RESULTS) + new), key)
+    out = merge_rows(RESULTS, with_recovered(load_rows(RESULTS)), key)
+    rebuild_report()
     print(table(out))
 
 

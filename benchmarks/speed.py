@@ -5,7 +5,9 @@ same forward/backward passes on the same pre-built batches (ACDC slices at the A
     # the official BCP configuration (its U-Net, batch 12 + 12, SGD), for the side-by-side with its script:
     python benchmarks/speed.py --backbone basic_unet --batch 12 --optimizer sgd --strategies bcp --out speed_bcp.json
 
-Run it alone on the machine: another busy process changes the numbers by 20–40× on 2 cores.
+Run it alone on the machine: another busy process changes the numbers by 20–40× on 2 cores. It imports only
+``benchmarks/common.py`` (and torch inside the measuring functions); ``section(rows)`` is its part of RESULTS.md,
+from every ``results/speed*.json``.
 """
 from __future__ import annotations
 
@@ -14,11 +16,8 @@ import json
 import resource
 import statistics
 import time
-from pathlib import Path
 
-import torch
-
-HERE = Path(__file__).resolve().parent
+from common import RESULTS_DIR, load_rows, md_table, write_json
 
 
 def batches(n: int, size: int, nl: int, nu: int):
@@ -46,6 +45,8 @@ def model():
 
 
 def _optimizer(params):
+    import torch
+
     kw = dict(OPTIMIZERS[OPTIMIZER])
     return (torch.optim.SGD if kw.pop("name") == "sgd" else torch.optim.AdamW)(params, **kw)
 
@@ -66,6 +67,8 @@ PRECISION = None  # set in main(): the precision ``trainer.precision: auto`` pic
 def _autocast():
     """bf16 autocast only where the CPU runs it natively (label_efficient.precision), else plain fp32."""
     import contextlib
+
+    import torch
 
     return torch.autocast("cpu", dtype=torch.bfloat16) if PRECISION == "bf16-mixed" else contextlib.nullcontext()
 
@@ -99,6 +102,8 @@ def raw_supervised(data, steps):
 
 
 def raw_mean_teacher(data, steps):
+    import torch
+
     net, teacher, loss_fn, opt = _student_teacher()
     teacher.train()  # SSL4MIS: the teacher normalises its noisy input with batch statistics
 
@@ -124,6 +129,8 @@ def raw_mean_teacher(data, steps):
 def raw_bcp_passes(data, steps):
     """Only the network passes a BCP self-training step needs: teacher on u and v (no grad), student
     forward/backward on the two mixed halves, ½(CE+Dice) — no box mask, mixing or component cleaning."""
+    import torch
+
     net, teacher, loss_fn, opt = _student_teacher()
 
     def step(i, b):
@@ -179,6 +186,7 @@ class _Timer:
 
 def lightning_loop(name, data, steps):
     import pytorch_lightning as pl
+    import torch
 
     from label_efficient.lightning import StrategyModule
     from label_efficient.recipe import OptimizerConfig
@@ -197,6 +205,32 @@ def lightning_loop(name, data, steps):
 RAW = {"supervised": raw_supervised, "mean_teacher": raw_mean_teacher, "bcp": raw_bcp_passes}
 
 
+def load_results() -> dict:
+    """Every ``results/speed*.json``, by file name."""
+    return {f.name: load_rows(f) for f in sorted(RESULTS_DIR.glob("speed*.json"))}
+
+
+def section(rows: dict) -> str:
+    speed = [r for f in rows.values() for r in f]
+    if not speed:
+        return ""
+    spread = max(abs(x / statistics.median(v) - 1) for r in speed for v in r["repeats"].values() for x in v)
+    table = md_table(["strategy", "backbone", "batch", "precision", "threads", "raw it/s", "Lightning it/s",
+                      "Lightning s/it", "overhead", "plain-loop it/s", "peak RSS MB"],
+                     [[r["strategy"], r.get("backbone", "unet"), f"{r.get('batch', 8)} + {r.get('batch', 8)}",
+                       r.get("precision", "bf16-mixed"), r["threads"], f"{r['raw_its']:.2f}", f"{r['lightning_its']:.2f}",
+                       f"{1 / r['lightning_its']:.2f}", f"{r['overhead_pct']:+.1f} %", f"{r['strategy_loop_its']:.2f}",
+                       f"{r['peak_rss_mb']:.0f}"] for r in speed])
+    return "\n".join([
+        "## Step time against a raw PyTorch loop", "",
+        "`python benchmarks/speed.py [--backbone basic_unet --batch 12 --optimizer sgd --strategies bcp --out "
+        "speed_bcp_official_config.json]`: the same pre-built ACDC batches (128²), run alone; median of interleaved "
+        f"repeats (raw, Lightning, plain loop, raw, …; in these rows one repeat lies up to {100 * spread:.0f} % from "
+        "its median). The raw loop is hand-written PyTorch doing the same network passes (for BCP: only the teacher "
+        "and student passes, so the overhead includes box masks, mixing and connected-component cleaning). Lightning = "
+        "our `StrategyModule` in a `Trainer`; plain loop = the strategy object in a 10-line loop.", "", table, ""])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=100)
@@ -212,9 +246,12 @@ def main():
     args = ap.parse_args()
     global BACKBONE, OPTIMIZER
     BACKBONE, OPTIMIZER = args.backbone, args.optimizer
-    results = HERE / "results" / args.out
-    torch.set_num_threads(args.threads)
+    results = RESULTS_DIR / args.out
     import logging
+
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from label_efficient.precision import resolve_precision
 
@@ -223,7 +260,7 @@ def main():
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     data = batches(args.steps, 128, args.batch, args.batch)
-    rows = {r["strategy"]: r for r in json.loads(results.read_text())} if results.exists() else {}
+    rows = {r["strategy"]: r for r in load_rows(results)}
     for name in args.strategies:
         # Interleaved repeats (raw, Lightning, plain loop, raw, ...): a slow drift of the machine hits all three alike.
         its: dict[str, list[float]] = {"raw": [], "lightning": [], "loop": []}
@@ -240,8 +277,7 @@ def main():
                      "repeats": {k: [round(x, 3) for x in v] for k, v in its.items()},
                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         print(json.dumps(rows[name]), flush=True)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps([rows[k] for k in RAW if k in rows], indent=2) + "\n")
+    write_json(results, [rows[k] for k in RAW if k in rows])
 
 
 if __name__ == "__main__":

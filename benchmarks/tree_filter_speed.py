@@ -13,6 +13,9 @@ Inputs: without ``--data-root``, Gaussian-smoothed uniform noise quantised to
 inputs are stacks of 64 consecutive 96x96 centre crops of the sorted slices
 (ACDC volumes have <= 18 slices, so a stack spans several volumes: realistic
 intensities, not a real anatomy in depth).
+
+It needs the installed ``label_efficient`` package (``pip install -e .``) and no
+other benchmark script; it prints its numbers and writes no rows.
 """
 
 from __future__ import annotations
@@ -23,13 +26,11 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TBB_
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from label_efficient.transforms.tree_filter import tree_filter  # noqa: E402
 
 SHAPE_2D = (128, 128)
