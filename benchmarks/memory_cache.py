@@ -8,7 +8,8 @@ labelled, a ``StepBatches`` stream over all of them (batch 2, the LA v2 crop), a
 Recorded per mode: the build time, the mean step time, the peak resident set (``VmHWM``: anonymous + file-backed
 pages) and the peak anonymous memory (``RssAnon``, sampled every 20 ms: what cannot be evicted; the memory-mapped
 pages of the disk cache are file-backed page cache the kernel can drop). ``disk (cold)`` builds the cache,
-``disk (warm)`` is a second process reading it. Results: ``results/memory_cache.json``.
+``disk (warm)`` is a second process reading it. Results: ``results/memory_cache.json``. It needs the installed
+``label_efficient`` package (``pip install -e .``) and imports no other benchmark script.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ def _status(key: str) -> int:
 
 
 def make_root(tmp: Path, copies: int) -> Path:
-    sys.path.insert(0, str(HERE.parent))
     from label_efficient.data.datasets import default_root
 
     la = default_root("la_heart")
@@ -50,7 +50,6 @@ def make_root(tmp: Path, copies: int) -> Path:
 
 
 def child(args) -> dict:
-    sys.path.insert(0, str(HERE.parent))
     import numpy as np
     import torch
 
