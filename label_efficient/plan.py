@@ -469,9 +469,8 @@ def _components(mask: np.ndarray, value: int, full: bool) -> tuple[int, float, l
     comp, n = ndimage.label(fg, structure)
     sizes = np.bincount(comp.ravel())[1:]
     outside = 1.0 - sizes.max() / sizes.sum() if n else 0.0
-    idx = np.nonzero(fg)
-    extent = [int(i.max() - i.min() + 1) for i in idx]
-    return n, float(outside), extent
+    box = ndimage.find_objects(fg.astype(np.uint8))[0]
+    return n, float(outside), [int(sl.stop - sl.start) for sl in box]
 
 
 def fingerprint(layout: Layout, infos: list[CaseInfo], values: list[int], meta: dict,
@@ -489,7 +488,7 @@ def fingerprint(layout: Layout, infos: list[CaseInfo], values: list[int], meta: 
     if layout.kind == "nifti" and infos:
         fp["spacing"] = _axis_stats([i.spacing for i in infos])
     counts = np.zeros(len(values), np.int64)
-    comp: dict[int, dict[str, list]] = {v: {"n": [], "n_face": [], "outside": [], "extent": [], "rel": []}
+    comp: dict[int, dict[str, list]] = {v: {"n": [], "outside": [], "extent": [], "rel": []}
                                         for v in values[1:]}
     for info in labelled:
         m = info.mask
@@ -499,7 +498,6 @@ def fingerprint(layout: Layout, infos: list[CaseInfo], values: list[int], meta: 
                 continue
             n, outside, extent = _components(m, v, full=True)
             comp[v]["n"].append(n)
-            comp[v]["n_face"].append(_components(m, v, full=False)[0])
             comp[v]["outside"].append(outside)
             comp[v]["extent"].append(extent)
             comp[v]["rel"].append([e / s for e, s in zip(extent, m.shape)])
@@ -514,7 +512,6 @@ def fingerprint(layout: Layout, infos: list[CaseInfo], values: list[int], meta: 
             continue
         fp["components"][names[v]] = {
             "masks": len(c["n"]), "median": float(np.median(c["n"])), "max": int(np.max(c["n"])),
-            "median_face": float(np.median(c["n_face"])), "max_face": int(np.max(c["n_face"])),
             "share_multi": float(np.mean(np.asarray(c["n"]) > 1)),
             "outside_largest": float(np.mean(c["outside"])),
             "extent_median": np.median(np.asarray(c["extent"]), 0).tolist(),
@@ -579,9 +576,8 @@ def format_fingerprint(fp: dict) -> str:
         if not c.get("masks"):
             out.append(f"  {name}: in no mask")
             continue
-        out.append(f"  {name}: in {c['masks']} masks; connected components per mask median {num(c['median'])}, max "
-                   f"{c['max']} ({100 * c['share_multi']:.0f} % of masks > 1; face-connected median "
-                   f"{num(c['median_face'])}); {100 * c['outside_largest']:.1f} % of its pixels outside the largest "
+        out.append(f"  {name}: in {c['masks']} masks; connected components (8-/26-connected) per mask median {num(c['median'])}, max "
+                   f"{c['max']} ({100 * c['share_multi']:.0f} % of masks > 1); {100 * c['outside_largest']:.1f} % of its pixels outside the largest "
                    f"component; median extent {'×'.join(num(v) for v in c['extent_median'])} px = "
                    f"{'×'.join(f'{100 * v:.0f}%' for v in c['extent_fraction'])} of the image")
     return "\n".join(out)
@@ -766,8 +762,8 @@ def _render(layout: Layout, fp: dict, out: Path, name: str, strategy: str, label
 
     # label budget
     if budget_flag is not None:
-        cols = sorted({k for r in rows.values() for k in r if k not in ("stem", "case", "split")
-                       and all(r2.get(k, "") in ("0", "1", "") for r2 in rows.values())})
+        names = {k for r in rows.values() for k in r} - {"stem", "case", "split"}
+        cols = sorted(k for k in names if all(r.get(k, "") in ("0", "1", "") for r in rows.values()))
         if budget_flag not in cols:
             raise DataError(f"--budget-flag {budget_flag}: not a 0/1 column of the split CSV; its flag columns: "
                             f"{cols or 'none'}")
