@@ -15,18 +15,12 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from .data.loaders import EvalVolume
-from .errors import CheckpointError
+from .checkpoints import AtomicCheckpointIO, CheckpointMismatchError, check_meta, load_state  # noqa: F401
 from .evaluation import case_metrics, flip_consistency, predict_volume
+from .optim import build_optimizer, build_optimizers, optimizer_names  # noqa: F401  (public here)
 from .recipe import OptimizerConfig
 from .strategies.base import NonFiniteLossError, Strategy
 from .utils import atomic_torch_save, atomic_write_text, fault_point, seed_everything
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed, so a crash never leaves half a file."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        atomic_torch_save(checkpoint, path)
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -67,40 +61,6 @@ def _step_of(row: dict) -> int | None:
         return None
 
 
-def build_optimizer(params, cfg: OptimizerConfig, total_steps: int):
-    """SGD/Adam(W) with a per-step constant, poly ((1 − t/T)^p), step, or cosine schedule (to 0 at T); any of
-    them after ``warmup_steps`` of linear warm-up from 0."""
-    if cfg.name == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    elif cfg.name == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "poly":
-        fn: Callable[[int], float] = lambda s: max(0.0, 1.0 - s / max(total_steps, 1)) ** cfg.poly_power
-    elif cfg.schedule == "step":
-        fn = lambda s: cfg.gamma ** (s // cfg.step_size)
-    elif cfg.schedule == "cosine":
-        fn = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / max(total_steps, 1)))
-    else:
-        fn = lambda s: 1.0
-    warm = cfg.warmup_steps
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: fn(s) * min(1.0, (s + 1) / warm) if warm else fn(s))
-
-
-def build_optimizers(strategy: Strategy, cfg: OptimizerConfig | dict[str, OptimizerConfig], total_steps: int):
-    """``[(optimizer, scheduler)]``: one for a plain strategy, one per name of ``strategy.optimizers`` (``cfg`` a
-    config per name, or one config for all)."""
-    params = strategy.trainable_parameters()
-    if not strategy.optimizers:
-        return [build_optimizer(params, cfg, total_steps)]
-    if not isinstance(params, dict) or set(params) != set(strategy.optimizers):
-        raise TypeError(f"strategy '{strategy.name}' names optimizers {list(strategy.optimizers)}: its "
-                        "trainable_parameters() must return {name: parameters} with exactly those names")
-    cfgs = cfg if isinstance(cfg, dict) else {n: cfg for n in strategy.optimizers}
-    return [build_optimizer(list(params[n]), cfgs[n], total_steps) for n in strategy.optimizers]
-
-
 class StrategyModule(pl.LightningModule):
     """Runs ``strategy.training_step`` each step, its hooks after the optimizer step and at epoch end,
     and scores validation volumes for model selection: per-volume Dice (``val/mean_dice``) on labelled volumes,
@@ -109,7 +69,7 @@ class StrategyModule(pl.LightningModule):
 
     A strategy with named ``optimizers`` runs under Lightning's manual optimisation: it steps each optimizer once per
     step through :meth:`Strategy.optimizer_step` (with ``manual_backward``), so Lightning's ``global_step`` advances
-    by ``len(strategy.optimizers)`` per training step (:attr:`optimizer_steps_per_step`)."""
+    by the number of its optimizers per training step (:attr:`optimizer_steps_per_step`)."""
 
     def __init__(self, strategy: Strategy, optimizer: OptimizerConfig | dict[str, OptimizerConfig], total_steps: int,
                  seed: int = 0, spatial_dims: int = 2, roi_size: Sequence[int] | None = None, meta: dict | None = None,
@@ -117,7 +77,8 @@ class StrategyModule(pl.LightningModule):
         super().__init__()
         self.strategy = strategy
         self.val_loss = val_loss
-        self.automatic_optimization = not strategy.optimizers
+        self.optimizer_names = optimizer_names(strategy)
+        self.automatic_optimization = not self.optimizer_names
         self.optimizer_cfg = optimizer
         self.total_steps = total_steps
         self.seed = seed
@@ -144,7 +105,7 @@ class StrategyModule(pl.LightningModule):
 
     @property
     def optimizer_steps_per_step(self) -> int:
-        return max(1, len(self.strategy.optimizers))
+        return max(1, len(self.optimizer_names))
 
     @property
     def step_index(self) -> int:
@@ -162,12 +123,12 @@ class StrategyModule(pl.LightningModule):
     def _manual_step(self, batch):
         step, before = self.step_index, self.global_step
         opts = self.optimizers()
-        self.strategy.bind_optimizers(dict(zip(self.strategy.optimizers, opts if isinstance(opts, list) else [opts])),
+        self.strategy.bind_optimizers(dict(zip(self.optimizer_names, opts if isinstance(opts, list) else [opts])),
                                       backward=self.manual_backward)
         out = self.strategy.training_step(batch, step)
         if self.global_step - before != self.optimizer_steps_per_step:
             raise RuntimeError(f"strategy '{self.strategy.name}' must step each of its optimizers "
-                               f"{list(self.strategy.optimizers)} exactly once per training step; it made "
+                               f"{list(self.optimizer_names)} exactly once per training step; it made "
                                f"{self.global_step - before} optimizer steps at step {step}")
         scheds = self.lr_schedulers()
         for s in scheds if isinstance(scheds, list) else [scheds]:
@@ -244,25 +205,4 @@ class StrategyModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_meta(checkpoint.get("label_efficient", {}), self.meta, "checkpoint")
         self._seconds_before = float(checkpoint.get("label_efficient_train_seconds", 0.0))
-
-
-class CheckpointMismatchError(CheckpointError):
-    """Weights saved for another backbone, class count or dimensionality."""
-
-
-def check_meta(saved: dict, expected: dict, what: str) -> None:
-    """Refuse weights saved for another backbone, class count or dimensionality, with a clear message."""
-    for key in ("backbone", "spatial_dims", "in_channels", "num_classes"):
-        if key in saved and key in expected and saved[key] != expected[key]:
-            raise CheckpointMismatchError(
-                f"{what} was saved with {key}={saved[key]!r} but this run has {key}={expected[key]!r}"
-            )
-
-
-def load_state(module: torch.nn.Module, state: dict, what: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise CheckpointMismatchError(f"{what} does not fit this network: {' '.join(first)}") from None
 

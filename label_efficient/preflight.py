@@ -18,7 +18,7 @@ from .data import CaseStore, DatasetSpec, build_dataset
 from .errors import DataError, RecipeError
 from .recipe import DataConfig, Recipe
 from .registry import did_you_mean
-from .strategies import STRATEGIES
+from .planning import check_strategy_fits, plan_stage
 
 log = logging.getLogger("label_efficient")
 
@@ -32,7 +32,7 @@ def check_recipe(recipe: Recipe) -> None:
         check_splits(spec, data, f"stages.{i}" if stage.data else "data")
         if i == len(recipe.stages) - 1:
             check_split(spec, recipe.evaluation.split, "evaluation.split")
-        check_strategy_fits(stage.strategy, spec, f"stages.{i}")
+        check_strategy_fits(plan_stage(recipe, i), spec.intensity, spec.spatial_dims, spec.name)
         check_backbone(recipe, spec)
         if spec.format == "image2d":
             store = CaseStore(spec, data.image_size, data.on_corrupt)
@@ -61,18 +61,6 @@ def check_splits(spec: DatasetSpec, data: DataConfig, where: str) -> None:
     check_split(spec, data.train_split, f"{where}.train_split" if where != "data" else "data.train_split",
                 data.labeled_domain or data.domain)
     check_split(spec, data.val_split, f"{where}.val_split" if where != "data" else "data.val_split", data.domain)
-
-
-def check_strategy_fits(name: str, spec: DatasetSpec, where: str) -> None:
-    """The strategy takes the dataset's dimensionality and intensity scaling."""
-    cls = STRATEGIES.get(name)
-    if cls.requires_intensity not in (None, spec.intensity):
-        raise DataError(f"{where}: strategy '{name}' assumes {cls.requires_intensity!r} image intensities, but "
-                        f"dataset '{spec.name}' is {spec.intensity!r}-normalised")
-    if spec.spatial_dims not in cls.spatial_dims:
-        takes = [n for n in STRATEGIES if spec.spatial_dims in STRATEGIES.get(n).spatial_dims]
-        raise RecipeError(f"{where}: strategy '{name}' works on {cls.spatial_dims[0]}D images, but dataset "
-                          f"'{spec.name}' is {spec.spatial_dims}D; strategies for {spec.spatial_dims}D data: {takes}")
 
 
 def check_backbone(recipe: Recipe, spec: DatasetSpec) -> None:

@@ -45,6 +45,18 @@ class DataConfig(_Strict):
     augment: bool = True
     on_corrupt: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)
+    #: NIfTI: resample every volume to this voxel size (mm per axis), once per case; None: each volume's own grid
+    spacing: list[typing.Annotated[float, Field(gt=0)]] | None = Field(None, min_length=3, max_length=3)
+    #: NIfTI: reorient every volume to these axis codes (a no-op for volumes already in that frame); None: as stored
+    orientation: str | None = Field("RAS", pattern=r"^[RLAPSIrlapsi]{3}$")
+    #: intensity normalisation; None: the dataset's own (NIfTI: whole-volume z-score). ct: nnU-Net's CT scheme with
+    #: statistics of the training labelled cases' foreground; zscore_foreground: z-score over non-zero voxels
+    normalize: Literal["zscore", "zscore_foreground", "ct"] | None = None
+    #: 3D: probability that a training crop is centred on a foreground voxel (nnU-Net: 0.33); 0: uniform crops
+    foreground_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    #: preprocessed cases cached in this folder (memory-mapped .npy, rebuilt when a setting or file changes);
+    #: None: in memory
+    cache_dir: str | None = None
 
 
 class BackboneConfig(_Strict):
@@ -123,6 +135,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _check_registries(self):
+        from .planning import check_stage
         from .strategies import STRATEGIES
 
         for i, st in enumerate(self.stages):
@@ -138,59 +151,15 @@ class Recipe(_Strict):
             if bad:
                 k = sorted(bad)[0]
                 raise ValueError(f"stages.{i}.data: unknown key '{k}'.{did_you_mean(k, DataConfig.model_fields)}")
-            self._check_optimizers(i)
             self._check_synthetic(i)
-            self._check_select(i)
-            self._check_aux_masks(i)
-            if self.stage_data(i).annotation.kind != "dense" and not STRATEGIES.get(st.strategy).sparse_labels:
-                takes = [n for n in STRATEGIES if STRATEGIES.get(n).sparse_labels]
-                raise ValueError(f"stages.{i}: strategy '{st.strategy}' does not take sparse labels (data.annotation."
-                                 f"kind={self.stage_data(i).annotation.kind}); strategies that do: {takes}")
-            if STRATEGIES.get(st.strategy).source_free:
-                self._check_source_free(i)
+            check_stage(self, i)
         return self
 
     def select(self, i: int) -> str:
-        """Stage ``i``'s checkpoint rule with ``auto`` resolved: labelled val Dice for a strategy that trains on
-        labels (and has a val split), else the last step."""
-        from .strategies import STRATEGIES
+        """Stage ``i``'s checkpoint rule with ``auto`` resolved (see :func:`label_efficient.planning.select_rule`)."""
+        from .planning import select_rule
 
-        st, sd = self.stages[i], self.stage_data(i)
-        if st.select != "auto":
-            return st.select
-        return "val_dice" if STRATEGIES.get(st.strategy).needs_labeled and sd.val_split is not None else "last"
-
-    def _check_select(self, i: int) -> None:
-        from .strategies import STRATEGIES
-
-        st, sd, where = self.stages[i], self.stage_data(i), f"stages.{i}.select"
-        if st.select == "val_dice" and not STRATEGIES.get(st.strategy).needs_labeled:
-            raise ValueError(f"{where}: '{st.strategy}' trains without labels, so val Dice would be the only label it "
-                             "sees: use label_free (an unsupervised stopping rule) or last")
-        if st.select in ("auto", "val_dice") and sd.labeled_domain not in (None, sd.domain) and sd.val_split:
-            raise ValueError(f"stages.{i}: labelled domain '{sd.labeled_domain}' differs from the evaluated domain "
-                             f"'{sd.domain}', whose labels must not choose the model: set data.val_split: null (the "
-                             "stage keeps its last step) or select: label_free (an unsupervised stopping rule)")
-        if st.select == "val_loss" and not STRATEGIES.get(st.strategy).has_validation_loss():
-            has = [n for n in STRATEGIES if STRATEGIES.get(n).has_validation_loss()]
-            raise ValueError(f"{where}: '{st.strategy}' defines no validation loss; strategies that do: {has}. Use "
-                             "label_free, val_dice or last")
-        if st.select in ("val_dice", "label_free", "val_loss") and sd.val_split is None:
-            raise ValueError(f"{where}: {st.select} scores the val split, but data.val_split is null")
-
-    def _check_aux_masks(self, i: int) -> None:
-        from .strategies import STRATEGIES
-
-        st, has = self.stages[i], self.stage_data(i).aux_masks is not None
-        needs = STRATEGIES.get(st.strategy).needs_aux_masks
-        if needs and not has:
-            raise ValueError(f"stages.{i}: strategy '{st.strategy}' learns from unpaired auxiliary masks: set "
-                             "data.aux_masks ({kind: shapes, count: N} or {kind: dataset, dataset: <name>, domain: "
-                             "<d>}), at the top level or in this stage's data")
-        if has and not needs:
-            takes = [n for n in STRATEGIES if STRATEGIES.get(n).needs_aux_masks]
-            raise ValueError(f"stages.{i}: strategy '{st.strategy}' does not use auxiliary masks, but data.aux_masks "
-                             f"is set (set stages.{i}.data.aux_masks: null); strategies that use them: {takes}")
+        return select_rule(self, i)
 
     def _check_synthetic(self, i: int) -> None:
         syn = self.stage_data(i).synthetic
@@ -204,45 +173,11 @@ class Recipe(_Strict):
             raise ValueError(f"stages.{i}.data.synthetic.from_stage: no earlier stage named '{syn.from_stage}'."
                              f"{did_you_mean(syn.from_stage, earlier)} Earlier stages: {earlier or 'none'}")
 
-    def _check_optimizers(self, i: int) -> None:
-        from .strategies import STRATEGIES
-
-        st, names = self.stages[i], STRATEGIES.get(self.stages[i].strategy).optimizers
-        for name, override in st.optimizers.items():
-            if name not in names:
-                raise ValueError(f"stages.{i}.optimizers: strategy '{st.strategy}' has no optimizer '{name}'."
-                                 f"{did_you_mean(name, names)} Its optimizers: {list(names) or 'one, set optimizer'}")
-            try:
-                OptimizerConfig.model_validate({**st.optimizer.model_dump(), **override})
-            except ValidationError as e:
-                raise ValueError(_format(e, OptimizerConfig, f"stages.{i}.optimizers.{name}")) from None
-
     def stage_optimizers(self, i: int) -> dict[str, OptimizerConfig]:
         """One optimizer config per name of a strategy that steps several: ``optimizer`` with its overrides."""
-        from .strategies import STRATEGIES
+        from .planning import plan_stage
 
-        st = self.stages[i]
-        return {n: OptimizerConfig.model_validate({**st.optimizer.model_dump(), **st.optimizers.get(n, {})})
-                for n in STRATEGIES.get(st.strategy).optimizers}
-
-    def _check_source_free(self, i: int) -> None:
-        """A source-free stage gets a trained model and unlabelled target images: no labels, no source domain."""
-        from .strategies import STRATEGIES
-
-        st, who = self.stages[i], f"stages.{i} ({self.stages[i].strategy}, source-free)"
-        if "budget" in st.data:
-            raise ValueError(f"{who}: takes no target labels; remove stages.{i}.data.budget "
-                             "(every target train image is used unlabelled)")
-        if i == 0 and st.init in ("previous_best", "previous_last", "none"):
-            raise ValueError(f"{who}: needs a source model; put a source stage before it or set init to a checkpoint")
-        target = {**self.data.model_dump(), **st.data}
-        for j in range(i):
-            prev = {**self.data.model_dump(), **self.stages[j].data}
-            if prev["dataset"] == target["dataset"] and prev["domain"] == target["domain"] \
-                    and not STRATEGIES.get(self.stages[j].strategy).source_free:
-                raise ValueError(f"{who}: uses dataset '{target['dataset']}' domain '{target['domain']}', the source "
-                                 f"data of stages.{j}; source data must not reach a source-free stage: set "
-                                 f"stages.{i}.data.domain to the target domain")
+        return plan_stage(self, i).optimizers
 
     def stage_data(self, i: int) -> DataConfig:
         """The data section for stage ``i`` (top level merged with the stage's overrides)."""

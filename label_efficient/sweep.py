@@ -102,12 +102,11 @@ def run_sweep(cells: Sequence[Cell], out: str | Path) -> list[dict]:
 
 def _infeasible(cell: Cell) -> str | None:
     """Why a cell cannot run, e.g. a semi-supervised line at budget ``all`` leaves no unlabelled image; else None."""
-    from .runner import DataContext
-    from .strategies import STRATEGIES
+    from .context import DataContext
+    from .planning import uses_budget_pool
 
     for i, stage in enumerate(cell.recipe.stages):
-        cls = STRATEGIES.get(stage.strategy)
-        if cls.needs_unlabeled and not (cls.source_free or cls.label_free):
+        if uses_budget_pool(stage.strategy):
             if not DataContext.build(cell.recipe.stage_data(i), cell.recipe.seed).unlabeled:
                 return f"strategy '{stage.strategy}' needs unlabelled data and budget {cell.budget} leaves none"
     return None

@@ -166,7 +166,7 @@ def test_global_stage_loss_decreases_and_reads_no_label():
     net = tiny_unet()
     s = build_strategy("contrastive_global", net, 4, {"volumes": 2, "crop_side": 1.0, "crop_offset": (0.0, 0.0),
                                                        "brightness": 0.0, "contrast": (1.0, 1.0)})
-    assert s.label_free and not s.needs_labeled and s.handover_parts() == ["encoder"]
+    assert s.requires.label_free and "labeled" not in s.requires.streams and s.handover_parts() == ["encoder"]
     assert s.stream_options() == {"unlabeled": {"partitions": 4, "volumes": 2}}
     torch.manual_seed(0)
     batch = {"unlabeled": {"image": torch.rand(16, 1, 32, 32), "partition": torch.arange(4).repeat(4)}}
@@ -214,7 +214,7 @@ def test_local_stage_freezes_the_encoder_and_trains_the_first_l_decoder_blocks()
 
 
 def test_fine_tune_takes_exactly_the_handed_over_parts(caplog):
-    from label_efficient.runner import _init_weights
+    from label_efficient.checkpoints import init_weights as _init_weights
 
     trained = tiny_unet()
     with torch.no_grad():
@@ -233,7 +233,7 @@ def test_fine_tune_takes_exactly_the_handed_over_parts(caplog):
 
 
 def test_fine_tune_on_another_backbone_names_the_layers():
-    from label_efficient.runner import _init_weights
+    from label_efficient.checkpoints import init_weights as _init_weights
 
     previous = {"best": tiny_unet().state_dict(), "last": tiny_unet().state_dict(), "parts": ["encoder"]}
     with pytest.raises(CheckpointMismatchError, match=r"layers \['body\.conv_0"):

@@ -44,7 +44,7 @@ def test_cuts_step_trains_embedder_and_reconstruction_without_labels():
     torch.manual_seed(0)
     net = build_backbone("cuts_cnn", 2, 3, 2, features=(8, 16))
     s = build_strategy("cuts", net, 2)
-    assert s.label_free and not s.needs_labeled
+    assert s.requires.label_free and "labeled" not in s.requires.streams
     x = torch.rand(2, 3, 24, 24)
     opt = torch.optim.AdamW(s.trainable_parameters(), 1e-2)
     s.setup(8)

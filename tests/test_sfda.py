@@ -193,7 +193,7 @@ def test_largest_component_mask():
 @pytest.mark.parametrize("adapt", ["bn_sfda", "upl_sfda"])
 def test_workflow_is_source_free(tmp_path, monkeypatch, adapt):
     import label_efficient.data.store as store_mod
-    import label_efficient.runner as runner_mod
+    import label_efficient.stage as runner_mod  # the module that builds the stage batches
 
     root = write_two_domain_folder(tmp_path / "two")
     reads, streams = [], []

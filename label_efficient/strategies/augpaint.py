@@ -37,18 +37,15 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 
 
 @register_strategy("augpaint")
 class AugPaint(Strategy):
     """Pixel-space DDPM on all train images; RePaint-style foreground-kept generation of labelled pairs."""
 
-    needs_labeled = False
-    needs_unlabeled = True
-    label_free = True
-    spatial_dims = (2,)  # 2D networks and 2D pairs
-    segments = False
-    produces_pairs = True
+    # spatial_dims: 2D networks and 2D pairs
+    requires = Requirements(streams=('unlabeled',), labels='none', role='generator', spatial_dims=(2,))
 
     class Config(StrategyConfig):
         block_out_channels: tuple[int, ...] = (32, 64, 128, 128)  #: R, CPU-sized (spec: (64, 128, 256, 256))
@@ -117,7 +114,6 @@ class AugPaint(Strategy):
         return (x + 1) / 2 * (hi - lo) + lo
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         x = batch["unlabeled"]["image"]
         if x.ndim != 4:
             raise ValueError(f"augpaint generates 2D images (N, C, H, W); got a batch of shape {tuple(x.shape)}")

@@ -25,6 +25,7 @@ builds them (one per name, ``trainable_parameters()`` returns ``{name: params}``
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple
 
 import numpy as np
@@ -35,6 +36,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..registry import Registry
+from .requirements import LabelLeakError, Requirements, check_batch  # noqa: F401  (LabelLeakError re-exported)
 
 
 class StrategyConfig(BaseModel):
@@ -52,50 +54,26 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-class LabelLeakError(RuntimeError):
-    """A label reached a strategy through a stream that must be unlabelled."""
-
-
 class Strategy(nn.Module):
     """Base class; subclasses set ``Config`` and implement :meth:`training_step`."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
-    #: streams the strategy consumes; the runner builds exactly these
-    needs_labeled: ClassVar[bool] = True
-    needs_unlabeled: ClassVar[bool] = False
-    #: label-free (self-/unsupervised) stage: every train image arrives unlabelled, whatever the label budget, no
-    #: mask is read, and the stage runs a fixed number of steps (its last checkpoint passes on, or with
-    #: ``select: val_loss`` the one of lowest :meth:`validation_loss`)
-    label_free: ClassVar[bool] = False
-    #: the exported network is a segmenter (scored on the test split); False for pre-training and embedding stages,
-    #: whose last stage writes ``model.pt`` without evaluation
-    segments: ClassVar[bool] = True
-    #: a data-producing stage: after training, ``generate(image (C, *S), label (*S), n, seed) -> (n, C, *S)`` makes
-    #: ``config.variants`` new images per labelled case whose label stays exact; the runner writes them for later
-    #: stages (``data.synthetic``, see ``data.synthetic``)
-    produces_pairs: ClassVar[bool] = False
-    #: with ``produces_pairs`` on a 2D dataset: ``generate`` receives a whole labelled volume, its slices stacked in
-    #: order, ``(Z, C, H, W)`` with labels ``(Z, H, W)``, and returns ``(n, Z, C, H, W)`` (a 2.5D generator needs the
-    #: neighbouring slices); the pairs are still written per slice
-    generates_volumes: ClassVar[bool] = False
-    #: source-free adaptation: receives a trained model and unlabelled target images only, never labels
-    source_free: ClassVar[bool] = False
-    #: the strategy honours ``label_mask`` (sparse annotation); the runner refuses sparse labels otherwise
-    sparse_labels: ClassVar[bool] = False
-    #: the strategy learns from unpaired auxiliary masks (``data.aux_masks``: a shape model or another dataset's masks);
-    #: the runner adds a stream ``"aux_masks"`` of ``{"label": (B, *S)}`` batches (never an image), sampled
-    #: independently of the image streams; recipes must set ``data.aux_masks`` exactly for such strategies
-    needs_aux_masks: ClassVar[bool] = False
-    #: the image scaling the strategy's fixed constants assume (``"unit"``: intensities in [0, 1], e.g. a [0, 1.5]
-    #: clip or an SSIM data range); the runner refuses a dataset of another ``DatasetSpec.intensity``. None: any
-    requires_intensity: ClassVar[str | None] = None
-    #: the image dimensionalities the strategy works on (2D-only methods: slice GANs, 2D contrastive pairs, …); the
-    #: runner refuses a dataset of another one before training
-    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
-    #: names of the optimizers the strategy steps itself, in order, once each per training step (see the module
-    #: docstring); empty: one optimizer, stepped by the loop on the returned loss
-    optimizers: ClassVar[tuple[str, ...]] = ()
+    #: what the strategy needs from the loop (streams, labels, role, …), read by ``label_efficient.planning``
+    requires: ClassVar[Requirements] = Requirements()
+
+    def __init_subclass__(cls, **kwargs):
+        """Every ``training_step`` checks its batch first (:func:`~.requirements.check_batch`), in any loop."""
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("training_step")
+        if step is not None and not getattr(step, "_checks_batch", False):
+            @functools.wraps(step)
+            def checked(self, batch, *args, **kw):
+                check_batch(self.name, self.requires, batch)
+                return step(self, batch, *args, **kw)
+
+            checked._checks_batch = True
+            cls.training_step = checked
 
     def __init__(self, model: nn.Module, num_classes: int, config: StrategyConfig | Mapping[str, Any] | None = None,
                  **overrides: Any):
@@ -157,9 +135,9 @@ class Strategy(nn.Module):
     def bind_optimizers(self, optimizers: Mapping[str, Any], backward: Callable[[torch.Tensor], None] | None = None):
         """Give a strategy with named ``optimizers`` the optimizers it steps (``backward``: how to back-propagate,
         e.g. Lightning's ``manual_backward`` for mixed precision and DDP; default ``loss.backward()``)."""
-        missing = sorted(set(self.optimizers) - set(optimizers))
+        missing = sorted(set(self.requires.optimizers) - set(optimizers))
         if missing:
-            raise KeyError(f"strategy '{self.name}' steps optimizers {list(self.optimizers)}; missing {missing}")
+            raise KeyError(f"strategy '{self.name}' steps optimizers {list(self.requires.optimizers)}; missing {missing}")
         self._optimizers = dict(optimizers)
         self._backward = backward or torch.Tensor.backward
 
@@ -216,22 +194,8 @@ class Strategy(nn.Module):
 
     # -- checks ----------------------------------------------------------------------------------
     def check_batch(self, batch: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        if self.needs_labeled and "labeled" not in batch:
-            raise KeyError(f"strategy '{self.name}' needs a 'labeled' stream; batch has {sorted(batch)}")
-        if self.needs_unlabeled and "unlabeled" not in batch:
-            raise KeyError(f"strategy '{self.name}' needs an 'unlabeled' stream; batch has {sorted(batch)}")
-        if "label_mask" in batch.get("labeled", {}) and not self.sparse_labels:
-            raise ValueError(f"strategy '{self.name}' does not take sparse labels (label_mask); use one that does "
-                             f"({', '.join(n for n in STRATEGIES if STRATEGIES.get(n).sparse_labels)})")
-        if self.needs_aux_masks and "aux_masks" not in batch:
-            raise KeyError(f"strategy '{self.name}' needs an 'aux_masks' stream; batch has {sorted(batch)}")
-        if "image" in batch.get("aux_masks", {}):
-            raise LabelLeakError("the auxiliary-mask stream carries an 'image': its masks must stay unpaired")
-        if "label" in batch.get("unlabeled", {}):
-            raise LabelLeakError("the unlabelled stream carries a 'label': labels must never reach unlabelled data")
-        if self.source_free and "labeled" in batch:
-            raise LabelLeakError(f"'{self.name}' is source-free: it takes unlabelled target images only, but the batch "
-                                 "has a 'labeled' stream (source data or target labels)")
+        """Refuse a batch this strategy must not see (run before every ``training_step``)."""
+        check_batch(self.name, self.requires, batch)
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")

@@ -20,6 +20,7 @@ import torch
 from ..losses import weighted_ce, weighted_dice
 from ..transforms.components import largest_component_labels
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 from .ema import ema_update, make_teacher
 
 
@@ -76,7 +77,6 @@ class BCPPretrain(Strategy):
     Config = BCPConfig
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         c = self.config
         (a, b), (ya, yb) = _halves(batch["labeled"]["image"], "labelled"), _halves(batch["labeled"]["label"], "labelled")
         mask = box_mask(tuple(a.shape[2:]), c.beta, a.device)
@@ -90,7 +90,7 @@ class BCP(Strategy):
     """BCP stage 2: bidirectional copy-paste self-training with an EMA teacher."""
 
     Config = BCPConfig
-    needs_unlabeled = True
+    requires = Requirements(streams=('labeled', 'unlabeled'))
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
@@ -103,7 +103,6 @@ class BCP(Strategy):
         return largest_component_labels(labels, self.num_classes) if self.config.largest_component else labels
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         c = self.config
         (a, b), (ya, yb) = _halves(batch["labeled"]["image"], "labelled"), _halves(batch["labeled"]["label"], "labelled")
         u, v = _halves(batch["unlabeled"]["image"], "unlabelled")

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..backbones.taps import batchnorm_layers
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 
 
 class NoBatchNormError(ValueError):
@@ -67,9 +68,7 @@ class BNSFDA(Strategy):
     """Re-estimate BN running statistics on the target with decaying momentum; anchor γ/β to the source."""
 
     Config = BNSFDAConfig
-    needs_labeled = False
-    needs_unlabeled = True
-    source_free = True
+    requires = Requirements(streams=('unlabeled',), labels='none', role='adapter')
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
@@ -106,7 +105,6 @@ class BNSFDA(Strategy):
                             for name, bn in batchnorm_layers(self.model)]).sum()
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         eta = self.momentum(step)
         for _, bn in batchnorm_layers(self.model):
             bn.momentum = eta

@@ -48,6 +48,7 @@ from torch import nn
 
 from ..backbones import blocks, forward_until, out_channels
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 
 
 def intensity_jitter(x: torch.Tensor, brightness: float, contrast: tuple[float, float], clip: float,
@@ -183,12 +184,10 @@ def _two_dimensional(x: torch.Tensor, name: str) -> None:
 class ContrastiveGlobal(Strategy):
     """Stage 1: the encoder and g1 learn G^D on unlabelled slices sampled by volume partition (see module doc)."""
 
-    needs_labeled = False
-    needs_unlabeled = True
-    label_free = True
-    segments = False
-    requires_intensity = "unit"  # brightness ±0.3 and the [0, 1.5] clip
-    spatial_dims = (2,)  # 2D slices and their partitions
+    # intensity: brightness ±0.3 and the [0, 1.5] clip
+    # spatial_dims: 2D slices and their partitions
+    requires = Requirements(streams=('unlabeled',), labels='none', role='pretrainer', intensity='unit',
+                            spatial_dims=(2,))
 
     class Config(_Intensity):
         partitions: int = Field(4, ge=2)  #: S
@@ -219,7 +218,6 @@ class ContrastiveGlobal(Strategy):
         return intensity_jitter(x, c.brightness, c.contrast, c.clip)
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         u = batch["unlabeled"]
         x, part = u["image"], u.get("partition")
         _two_dimensional(x, self.name)
@@ -239,12 +237,10 @@ class ContrastiveGlobal(Strategy):
 class ContrastiveLocal(Strategy):
     """Stage 2: the encoder (from stage 1) is frozen; the first l decoder blocks and g2 learn L (see module doc)."""
 
-    needs_labeled = False
-    needs_unlabeled = True
-    label_free = True
-    segments = False
-    requires_intensity = "unit"  # brightness ±0.3 and the [0, 1.5] clip
-    spatial_dims = (2,)  # 2D slices and their partitions
+    # intensity: brightness ±0.3 and the [0, 1.5] clip
+    # spatial_dims: 2D slices and their partitions
+    requires = Requirements(streams=('unlabeled',), labels='none', role='pretrainer', intensity='unit',
+                            spatial_dims=(2,))
 
     class Config(_Intensity):
         decoder_blocks: int = Field(3, ge=1)  #: l
@@ -269,7 +265,6 @@ class ContrastiveLocal(Strategy):
         return super().trainable_parameters() + list(self.head.parameters())
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         x = batch["unlabeled"]["image"]
         _two_dimensional(x, self.name)
         c = self.config

@@ -39,6 +39,7 @@ from torch import nn
 from ..backbones import FeatureTap, get_head
 from ..transforms.condensation import diffusion_condensation, silhouette
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 
 
 def patch_ssim(a: torch.Tensor, b: torch.Tensor, data_range: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -104,12 +105,10 @@ def nt_xent(za: torch.Tensor, zp: torch.Tensor, temperature: float) -> torch.Ten
 class CUTS(Strategy):
     """Stage 1 of CUTS (see module doc): intra-image patch contrast + patch reconstruction, no labels."""
 
-    needs_labeled = False
-    needs_unlabeled = True
-    label_free = True
-    requires_intensity = "unit"  # x·2 − 1 to [-1, 1], as the paper
-    spatial_dims = (2,)  # 2D networks and 2D pairs
-    segments = False
+    # intensity: x·2 − 1 to [-1, 1], as the paper
+    # spatial_dims: 2D networks and 2D pairs
+    requires = Requirements(streams=('unlabeled',), labels='none', role='pretrainer', intensity='unit',
+                            spatial_dims=(2,))
 
     class Config(StrategyConfig):
         lambda_contrastive: float = Field(0.001, ge=0, le=1)  #: λ
@@ -144,7 +143,6 @@ class CUTS(Strategy):
         return z
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         x = batch["unlabeled"]["image"] * 2 - 1
         c = self.config
         a, p = sample_pairs(x, c.anchors, c.patch, c.tries, c.ssim_threshold)

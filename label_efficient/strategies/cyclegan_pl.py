@@ -50,6 +50,7 @@ from torch import nn
 
 from ..transforms.components import largest_component_labels
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 from .ema import ema_update, make_teacher
 
 
@@ -238,12 +239,10 @@ def _in_channels(model: nn.Module) -> int:
 class CycleGANPseudoLabels(Strategy):
     """Stage A: CycleGAN image ↔ unpaired mask (VAE-D, DGCC); Stage B: rounds of noise-weighted Dice on its labels."""
 
-    needs_labeled = False
-    needs_unlabeled = True
-    label_free = True  # no training label: every train image is unlabelled, fixed steps, no validation
-    spatial_dims = (2,)  # 2D networks and 2D pairs
-    needs_aux_masks = True
-    optimizers = ("generators", "discriminators", "segmenter")
+    # labels none: no training label: every train image is unlabelled, fixed steps, no validation
+    # spatial_dims: 2D networks and 2D pairs
+    requires = Requirements(streams=('unlabeled', 'aux_masks'), labels='none', spatial_dims=(2,),
+                            optimizers=('generators', 'discriminators', 'segmenter'))
 
     class Config(StrategyConfig):
         gan_steps: int = Field(2000, ge=1)  #: Stage A steps (CG: 200 epochs; CPU budget)
@@ -399,7 +398,6 @@ class CycleGANPseudoLabels(Strategy):
         return StepOutput(loss.detach(), logs)
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         x = batch["unlabeled"]["image"]
         r = self.round_at(step)
         if r == 0:

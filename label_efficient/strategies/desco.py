@@ -37,6 +37,7 @@ from ..data.readers import DataError
 from ..losses import sample_weighted_ce, sigmoid_rampup, weighted_dice
 from ..transforms.propagation import SlicePropagator
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 
 
 def annotated_slices(label_mask: np.ndarray) -> dict[int, list[int]]:
@@ -62,9 +63,7 @@ def reinitialised(model: torch.nn.Module) -> torch.nn.Module:
 class DeSCO(Strategy):
     """Two networks, each densified from one annotation plane, co-trained with uncertainty-masked cross pseudo labels."""
 
-    needs_unlabeled = True
-    sparse_labels = True
-    optimizers = ("net1", "net2")
+    requires = Requirements(streams=('labeled', 'unlabeled'), labels='sparse', optimizers=('net1', 'net2'))
 
     class Config(StrategyConfig):
         axes: list[int] = [2, 1]  #: annotated planes, Net1's first (LA (x, y, z): axial z, coronal y) (C la_heart.py)
@@ -162,7 +161,6 @@ class DeSCO(Strategy):
         return [({k: v[i] for k, v in lab.items() if torch.is_tensor(v)}, u[j]) for i, j in zip(*halves)]
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         it = self.paper_iteration(step)
         s, lam, tau = self.decay_base(it), self.consistency_weight(it), self.uncertainty_threshold(it)
         logs, total = {"s": s, "lambda": lam, "tau": tau}, 0.0

@@ -36,6 +36,7 @@ from ..transforms.rotate import rotate_quarter, rotation_dims
 from ..transforms.tree_filter import TreeViews
 from ..utils import mean_probs_as_logits
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 
 
 def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,7 +89,7 @@ class DSAIF(Strategy):
     """Two networks on Max-/Min-tree filtered views supervise each other with hard pseudo labels."""
 
     Config = DSAIFConfig
-    needs_unlabeled = True
+    requires = Requirements(streams=('labeled', 'unlabeled'))
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
@@ -140,7 +141,6 @@ class DSAIF(Strategy):
         return k if shape[dims[0]] == shape[dims[1]] else (k % 2) * 2
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         lab, unl = batch["labeled"], batch["unlabeled"]
         n_l = lab["image"].shape[0]
         a, b, tag = self.make_views(torch.cat([lab["image"], unl["image"]]))

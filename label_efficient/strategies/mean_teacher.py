@@ -26,6 +26,7 @@ import torch
 from ..data.batch_augment import StrongIntensity
 from ..losses import ce_dice, sigmoid_rampup, supervised_loss
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 from .ema import ema_update, make_teacher
 
 
@@ -33,8 +34,7 @@ from .ema import ema_update, make_teacher
 class MeanTeacher(Strategy):
     """Mean teacher: supervised ½(CE+Dice) + ramped MSE consistency to an EMA teacher on noisy inputs."""
 
-    needs_unlabeled = True
-    sparse_labels = True
+    requires = Requirements(streams=('labeled', 'unlabeled'), labels='sparse')
 
     class Config(StrategyConfig):
         ema_decay: float = 0.99  #: α (SSL4MIS)
@@ -61,7 +61,6 @@ class MeanTeacher(Strategy):
         return c.consistency * sigmoid_rampup(step, c.rampup_fraction * max(self.total_steps, 1))
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         c = self.config
         lab, unl = batch["labeled"], batch["unlabeled"]
         n_l = lab["image"].shape[0]

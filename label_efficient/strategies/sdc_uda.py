@@ -52,6 +52,7 @@ from torch import nn
 
 from ..losses import ce_dice, supervised_loss
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 
 
 # -- translation network ---------------------------------------------------------------------------
@@ -207,13 +208,11 @@ def _in_channels(model: nn.Module) -> int:
 class SDCUDATranslate(Strategy):
     """Stage 1: unpaired source → target translation of 3-slice slabs; writes the translated labelled source."""
 
-    needs_labeled = True  # source slabs (their labels are not used by the GAN; they stay with the translated images)
-    needs_unlabeled = True  # target slabs
-    segments = False
-    produces_pairs = True
-    generates_volumes = True
-    optimizers = ("generator", "discriminator")
-    spatial_dims = (2,)  # 2D networks and 2D pairs
+    # labeled stream: source slabs (their labels are not used by the GAN; they stay with the translated images)
+    # unlabeled stream: target slabs
+    # spatial_dims: 2D networks and 2D pairs
+    requires = Requirements(streams=('labeled', 'unlabeled'), role='generator', spatial_dims=(2,),
+                            optimizers=('generator', 'discriminator'), generates_volumes=True)
 
     class Config(StrategyConfig):
         slab: int = 3  #: slices per slab (C)
@@ -278,7 +277,6 @@ class SDCUDATranslate(Strategy):
         return loss + self.config.r1_gamma / 2 * self.config.r1_every * penalty, penalty.detach()
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         c = self.config
         a, b = self._slab(batch["labeled"]["image"], "labeled"), self._slab(batch["unlabeled"]["image"], "unlabeled")
         # generator step: adversarial + cycle + identity, both directions
@@ -378,8 +376,9 @@ def refine_pseudo_labels(intensity: torch.Tensor, probs: torch.Tensor, threshold
 class SDCUDASelfTrain(Strategy):
     """Stages 2–3: teacher → student rounds on translated source + refined pseudo-labelled real target."""
 
-    needs_labeled = True  # translated source pairs (data.synthetic)
-    needs_unlabeled = True  # real target images, never labelled
+    # labeled stream: translated source pairs (data.synthetic)
+    # unlabeled stream: real target images, never labelled
+    requires = Requirements(streams=('labeled', 'unlabeled'))
 
     class Config(StrategyConfig):
         rounds: int = 2  #: teacher → student rounds within the stage (P: "a few")
@@ -403,7 +402,6 @@ class SDCUDASelfTrain(Strategy):
         return min(step * self.config.rounds // max(self.total_steps, 1), self.config.rounds - 1)
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         c = self.config
         r = self.round_of(step)
         if r > int(self.round):  # the student becomes the teacher of the next round

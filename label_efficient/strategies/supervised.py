@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from ..losses import ce_dice, supervised_loss
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 
 
 @register_strategy("supervised")
 class Supervised(Strategy):
     """L = ½(CE(f(x), y) + Dice(f(x), y)) on labelled images; the lower bound of every comparison."""
 
-    sparse_labels = True
+    requires = Requirements(streams=('labeled',), labels='sparse')
 
     class Config(StrategyConfig):
         pass
@@ -20,7 +21,6 @@ class Supervised(Strategy):
         self.loss_fn = ce_dice(num_classes)
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         lab = batch["labeled"]
         loss = supervised_loss(self.loss_fn, self.model(lab["image"]), lab["label"], lab.get("label_mask"))
         return StepOutput(loss, {"loss_sup": loss.detach()})

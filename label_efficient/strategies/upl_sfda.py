@@ -41,6 +41,7 @@ from ..backbones.rotated_heads import RotatedHeads, default_rotations, ensemble_
 from ..backbones.taps import batchnorm_layers
 from ..transforms.components import largest_component_mask
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .requirements import Requirements
 
 
 def masked_dice_loss(probs: torch.Tensor, pseudo: torch.Tensor, smooth: float = 1e-4) -> torch.Tensor:
@@ -67,9 +68,7 @@ class UPLSFDA(Strategy):
     """K rotation heads cloned from the source head; online confident pseudo labels from their mean."""
 
     Config = UPLSFDAConfig
-    needs_labeled = False
-    needs_unlabeled = True
-    source_free = True
+    requires = Requirements(streams=('unlabeled',), labels='none', role='adapter')
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
@@ -92,7 +91,6 @@ class UPLSFDA(Strategy):
                 {"params": heads, "betas": self.config.head_betas}]
 
     def training_step(self, batch, step):
-        self.check_batch(batch)
         if self.config.bn_mode == "frozen":  # the loop switches to train mode each epoch: freeze BN per step
             for _, bn in batchnorm_layers(self.model):
                 bn.eval()

@@ -1,0 +1,80 @@
+"""The run's results, once, after the last stage: the test evaluation, the OOD detector, ``model.pt``,
+``metrics.json``, overlays and the learning curve (rank 0 only)."""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints import save_bundle
+from .context import DataContext
+from .evaluation import evaluate
+from .ood import OODDetector, pooled_features
+from .outputs import recipe_hash
+from .recipe import Recipe
+from .strategies import Strategy
+from .utils import atomic_write_json
+
+log = logging.getLogger("label_efficient")
+
+
+def run_summary(stage_reports: list[dict], t_start: float) -> dict:
+    return {"stages": stage_reports, "train_seconds": sum(s["seconds"] for s in stage_reports),
+            "wall_seconds": time.time() - t_start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def write_pretrainer_results(out: Path, strategy: Strategy, recipe: Recipe, ctx: DataContext, parts, summary: dict):
+    """A pre-training / embedding run: nothing to score; ``model.pt`` hands on its parts."""
+    metrics = {"mean_dice": None, "evaluated": False, **summary}
+    save_bundle(out / "model.pt", strategy.export_inference(), recipe, ctx, parts=parts)
+    atomic_write_json(out / "metrics.json", metrics)
+    log.info("label-free run: no test evaluation; fine-tune from %s (init: <path>)", out / "model.pt")
+    return metrics
+
+
+def write_test_results(out: Path, strategy: Strategy, recipe: Recipe, ctx: DataContext, summary: dict) -> dict:
+    """Evaluate the last stage's selected weights once on the test split and write every result file."""
+    ev = recipe.evaluation
+    test = ctx.volumes(ev.split, ctx.cfg.max_test_cases)
+    device = next(strategy.parameters()).device
+    strategy.eval()
+    metrics = evaluate(strategy.predict, test, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims,
+                       ev.metrics, roi_size=ctx.cfg.patch_size, device=device, overlap=ev.sw_overlap, keep=ev.overlays,
+                       empty=ev.empty)
+    predictions = metrics.pop("predictions", [])
+    exported = strategy.export_model()  # the OOD detector reads its bottleneck, which an ensemble's heads share
+    detector = fit_ood(exported, ctx, device) if ctx.spec.spatial_dims == 2 else None
+    if detector is not None:
+        for vol in test:
+            sc = detector.score(pooled_features(exported, [vol.image], device))
+            metrics["cases"][vol.id]["ood"] = {k: float(v.mean()) for k, v in sc.items()}
+            metrics["cases"][vol.id]["ood"]["flagged"] = bool(detector.flag(sc).any())
+    metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split, "recipe_sha256": recipe_hash(recipe),
+               **summary, "skipped_corrupt": ctx.store.skipped}
+    save_bundle(out / "model.pt", strategy.export_inference(), recipe, ctx, detector)
+    atomic_write_json(out / "metrics.json", metrics)
+    from .reporting import learning_curve, overlays
+
+    overlays(test, predictions, ctx, out / "overlays")
+    learning_curve(out, out / "learning_curve.png")
+    return metrics
+
+
+def fit_ood(model: torch.nn.Module, ctx: DataContext, device, max_images: int = 1000) -> OODDetector | None:
+    """Fit the OOD detector on the stage's training images (labelled + unlabelled, no labels used) and set its
+    threshold on the validation images; ``None`` when the model has no ``bottleneck`` tap point."""
+    train = ctx.labeled + ctx.unlabeled
+    if "bottleneck" not in getattr(model, "tap_points", {}) or len(train) < 2:
+        log.warning("no OOD detector: needs a 'bottleneck' tap point and at least 2 training images")
+        return None
+    keep = np.random.default_rng(0).permutation(len(train))[:max_images]
+    train = [train[i] for i in sorted(keep)]
+    val = ctx.spec.select(ctx.cfg.val_split, ctx.cfg.domain) if ctx.cfg.val_split else []
+    images = lambda cases: [torch.from_numpy(np.stack([ctx.store.get(c, False).image for c in cases[i:i + 32]]))
+                            for i in range(0, len(cases), 32)]
+    return OODDetector().fit(pooled_features(model, images(ctx.store.load(train, False)), device),
+                             pooled_features(model, images(ctx.store.load(val, False)), device))
