@@ -346,3 +346,19 @@ def test_anisotropy_the_patch_cannot_cover_warns_with_the_numbers(tmp_path, capl
     assert "axis 0" not in msg and "axis 1" not in msg
     # the unit itself: a structure within the patch gives no warning
     assert check_patch_coverage([("x", (40, 40, 40), (1.0, 1.0, 1.0), (10, 10, 10))], (32, 32, 32)) == []
+
+
+def test_data_loader_workers_read_the_disk_cache(tmp_path):
+    from label_efficient.data import train_loader
+
+    rng = np.random.default_rng(2)
+    vols = {f"v{i}": (rng.random((20, 20, 12)).astype(np.float32), (rng.random((20, 20, 12)) > .7).astype(np.uint8),
+                      np.eye(4)) for i in range(3)}
+    spec = folder(tmp_path / "d", vols)
+    mk = lambda cache: StepBatches(CaseStore(spec, cache_dir=cache), {"labeled": Stream(spec.cases, 2, True)}, 3,
+                                   seed=1, patch_size=[8, 8, 8], foreground_ratio=0.5)
+    ref = [mk(None)[(0, k)] for k in range(3)]
+    got = list(train_loader(mk(tmp_path / "cache"), num_workers=2))
+    for a, b in zip(ref, got):
+        assert torch.equal(a["labeled"]["image"], b["labeled"]["image"])
+        assert torch.equal(a["labeled"]["label"], b["labeled"]["label"])
