@@ -134,7 +134,9 @@ def save_bundle(path: Path, model: torch.nn.Module, recipe: Recipe, ctx: "DataCo
         "backbone": {"name": recipe.backbone.name, "kwargs": recipe.backbone.kwargs,
                      "tap_points": recipe.backbone.tap_points},
         "data": {"image_size": ctx.cfg.image_size, "patch_size": ctx.cfg.patch_size, "intensity": ctx.spec.intensity,
-                 "format": ctx.spec.format, "class_names": ctx.spec.class_names},
+                 "format": ctx.spec.format, "class_names": ctx.spec.class_names, "spacing": ctx.cfg.spacing,
+                 "orientation": ctx.store.orientation, "normalize": ctx.cfg.normalize,
+                 "intensity_stats": ctx.store.intensity_stats, "sw_overlap": recipe.evaluation.sw_overlap},
         "wrapper": model.bundle_spec() if hasattr(model, "bundle_spec") else None,
         "state_dict": model.state_dict(),
     }, path)

@@ -37,7 +37,7 @@ class DataContext:
         """Resolve a data section; a source-free or label-free stage gets its domain's train images, all
         unlabelled (a label budget is then ignored and no mask is read)."""
         spec = build_dataset(cfg.dataset, cfg.root, **cfg.options)
-        store = CaseStore(spec, cfg.image_size, cfg.on_corrupt)
+        store = store_for(spec, cfg)
         train = spec.select(cfg.train_split, cfg.domain)
         if source_free or label_free:
             if not train:
@@ -53,6 +53,8 @@ class DataContext:
         if cfg.max_unlabeled is not None and len(unlabeled) > cfg.max_unlabeled:
             keep = np.random.default_rng(seed).permutation(len(unlabeled))[: cfg.max_unlabeled]
             unlabeled = [unlabeled[i] for i in sorted(keep)]
+        if labeled:
+            store.fit_normalization(labeled)  # CT: foreground statistics of the labelled train cases (else no-op)
         return cls(cfg, spec, store, labeled, unlabeled)
 
     def volumes(self, split: str | None, limit: int | None, with_label: bool = True):
@@ -64,12 +66,19 @@ class DataContext:
 
     @classmethod
     def for_stage(cls, plan: "StagePlan", seed: int) -> "DataContext":
-        return cls.build(plan.data, seed, source_free=plan.requires.source_free, label_free=plan.requires.label_free)
+        return cls.build(plan.data, seed, source_free=plan.source_free, label_free=plan.label_free)
 
     @property
     def meta(self) -> dict:
         return {"spatial_dims": self.spec.spatial_dims, "in_channels": self.spec.in_channels,
                 "num_classes": self.spec.num_classes}
+
+
+def store_for(spec: DatasetSpec, cfg: DataConfig) -> CaseStore:
+    """The case store of a data section: 2D images resized to ``image_size`` (or kept at their own size when only
+    ``patch_size`` is set), NIfTI volumes on the ``orientation`` / ``spacing`` grid, ``normalize``, ``cache_dir``."""
+    return CaseStore(spec, cfg.image_size, cfg.on_corrupt, spacing=cfg.spacing, orientation=cfg.orientation,
+                     normalize=cfg.normalize, cache_dir=cfg.cache_dir, native=cfg.patch_size is not None)
 
 
 def streams(plan: "StagePlan", strategy: Strategy, ctx: DataContext, synthetic=None,

@@ -56,19 +56,25 @@ def volume_logits(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.
                   roi_size: Sequence[int] | None = None, batch_size: int = 16, overlap: float = 0.5,
                   device: torch.device | str = "cpu", multiple: int = 1) -> torch.Tensor:
     """Logits of a volume's ``image`` at network resolution: (Z, C, H, W) slice by slice in 2D, (1, C, D, H, W)
-    by MONAI's Gaussian-weighted sliding window in 3D."""
-    if spatial_dims == 3:
-        from monai.inferers import sliding_window_inference
+    by MONAI's Gaussian-weighted sliding window in 3D. With ``roi_size`` in 2D (patch training) each slice is
+    predicted by the same sliding window over its whole (native-size) image."""
+    from monai.inferers import sliding_window_inference
 
-        if roi_size is None:
-            raise ValueError("3D evaluation needs roi_size (the training patch size)")
-        return sliding_window_inference(image.to(device), tuple(roi_size), batch_size, predict, overlap=overlap,
-                                        mode="gaussian", padding_mode="constant").float().cpu()
-    out = []
-    for z0 in range(0, image.shape[0], batch_size):
-        x, unpad = pad_to_multiple(image[z0 : z0 + batch_size].to(device), multiple)
-        out.append(unpad(predict(x)).float().cpu())
-    return torch.cat(out)
+    if spatial_dims == 3 and roi_size is None:
+        raise ValueError("3D evaluation needs roi_size (the training patch size)")
+    if spatial_dims == 3 or roi_size is not None:
+        window = lambda x: sliding_window_inference(x.to(device), tuple(roi_size), batch_size, predict,
+                                                    overlap=overlap, mode="gaussian", padding_mode="constant")
+    else:
+        window = lambda x: _padded(predict, x.to(device), multiple)
+    if spatial_dims == 3:
+        return window(image).float().cpu()
+    return torch.cat([window(image[z0: z0 + batch_size]).float().cpu() for z0 in range(0, image.shape[0], batch_size)])
+
+
+def _padded(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, multiple: int) -> torch.Tensor:
+    x, unpad = pad_to_multiple(x, multiple)
+    return unpad(predict(x))
 
 
 def predict_volume(predict: Callable[[torch.Tensor], torch.Tensor], volume: EvalVolume, spatial_dims: int,
@@ -76,8 +82,9 @@ def predict_volume(predict: Callable[[torch.Tensor], torch.Tensor], volume: Eval
                    device: torch.device | str = "cpu", multiple: int = 1) -> np.ndarray:
     """Label map of one volume at the resolution of its ground truth."""
     logits = volume_logits(predict, volume.image, spatial_dims, roi_size, batch_size, overlap, device, multiple)
-    if spatial_dims == 3:
-        return logits.argmax(1)[0].numpy()
+    if spatial_dims == 3:  # on the training grid; mapped back to the file's own grid when it was resampled
+        to_native = getattr(volume, "to_native", None)
+        return to_native(logits[0]) if to_native is not None else logits.argmax(1)[0].numpy()
     if tuple(logits.shape[2:]) != tuple(volume.size):
         logits = F.interpolate(logits, size=tuple(volume.size), mode="bilinear", align_corners=False)
     return logits.argmax(1).numpy()

@@ -47,6 +47,18 @@ class StagePlan:
         return self.requires.labels == "none"
 
     @property
+    def source_free(self) -> bool:
+        return self.requires.source_free
+
+    @property
+    def label_free(self) -> bool:
+        return self.requires.label_free
+
+    @property
+    def generates_volumes(self) -> bool:
+        return self.requires.generates_volumes
+
+    @property
     def optimizer(self) -> OptimizerConfig | dict[str, OptimizerConfig]:
         """What the Lightning module builds: one config, or one per named optimizer."""
         return self.optimizers or self.stage.optimizer

@@ -110,12 +110,15 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
             if is_nifti:
                 raise DataError(f"{f}: a 2D model takes image files (PNG/JPG/TIFF)")
             image = read_image_2d(f, meta["in_channels"])
-            x = torch.from_numpy(resize_image(image, data["image_size"]))[None]
+            size = data["image_size"]  # None: 2D patches at the image's own size, sliding window
+            x = torch.from_numpy(resize_image(image, size) if size else image)[None]
             vol = EvalVolume(f.stem, x, None, [], image.shape[1:])
-            pred = predict_volume(model, vol, 2, multiple=getattr(model, "stride", 1))[0]
+            pred = predict_volume(model, vol, 2, roi_size=data["patch_size"], overlap=data.get("sw_overlap", 0.5),
+                                  multiple=getattr(model, "stride", 1))[0]
             _write_png(pred.astype(np.uint8), mask_path)
             if detector is not None:
-                sc = detector.score(pooled_features(model, [x]))
+                view = x if size or not data["patch_size"] else torch.from_numpy(resize_image(image, data["patch_size"]))[None]
+                sc = detector.score(pooled_features(model, [view]))
                 ood_rows.append((f.name, float(sc["mahalanobis"][0]), float(sc["knn"][0]), bool(detector.flag(sc)[0])))
         n += 1
     if ood_rows:

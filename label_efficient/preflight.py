@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .backbones import build_backbone
-from .data import CaseStore, DatasetSpec, build_dataset
+from .context import store_for
+from .data import DatasetSpec, build_dataset
 from .errors import DataError, RecipeError
 from .recipe import DataConfig, Recipe
 from .registry import did_you_mean
@@ -34,8 +35,11 @@ def check_recipe(recipe: Recipe) -> None:
             check_split(spec, recipe.evaluation.split, "evaluation.split")
         check_strategy_fits(plan_stage(recipe, i), spec.intensity, spec.spatial_dims, spec.name)
         check_backbone(recipe, spec)
+        if data.patch_size is not None and len(data.patch_size) != spec.spatial_dims:
+            raise RecipeError(f"data.patch_size {data.patch_size} has {len(data.patch_size)} axes, but dataset "
+                              f"'{spec.name}' is {spec.spatial_dims}D")
         if spec.format == "image2d":
-            store = CaseStore(spec, data.image_size, data.on_corrupt)
+            store = store_for(spec, data)
             for case in spec.cases:
                 store.check_header(case.image)
             check_memory(spec, data)

@@ -30,8 +30,10 @@ class DataConfig(_Strict):
     #: domain adaptation: the labelled stream comes from this domain's train split (with the budget) and every train
     #: image of ``domain`` joins the unlabelled stream, never labelled; val/test stay on ``domain``
     labeled_domain: str | None = None
-    image_size: list[PositiveInt] | None = Field(None, min_length=2, max_length=2)  #: 2D: images are resized to it
-    patch_size: list[PositiveInt] | None = Field(None, min_length=3, max_length=3)  #: 3D: training crop and window
+    #: 2D: every image is resized to this size (with patch_size: optional; without it images keep their own size)
+    image_size: list[PositiveInt] | None = Field(None, min_length=2, max_length=2)
+    #: random training crop and sliding-window size: 3D, or 2D patches at native resolution (or at image_size)
+    patch_size: list[PositiveInt] | None = Field(None, min_length=2, max_length=3)
     budget: LabelBudget = LabelBudget(all=True)
     annotation: AnnotationConfig = AnnotationConfig()  #: dense, or sparse slices of each labelled case (label_mask)
     synthetic: SyntheticConfig | None = None  #: generated pairs added to the labelled stream (data.synthetic)

@@ -22,6 +22,21 @@ from .utils import atomic_write_json
 log = logging.getLogger("label_efficient")
 
 
+def ood_view(images: torch.Tensor, cfg) -> torch.Tensor:
+    """What the OOD detector sees of (N, C, H, W) images: as trained, or, with 2D patches at native size (images of
+    many sizes), resized to the patch size, so every image gives features of one scale."""
+    if cfg.image_size is not None or cfg.patch_size is None or tuple(images.shape[2:]) == tuple(cfg.patch_size):
+        return images
+    return torch.nn.functional.interpolate(images.float(), size=tuple(cfg.patch_size), mode="bilinear",
+                                           align_corners=False, antialias=True)
+
+
+def _same_size(image: np.ndarray, cfg) -> np.ndarray:
+    from .data.store import resize_image
+
+    return image if cfg.image_size is not None or cfg.patch_size is None else resize_image(image, cfg.patch_size)
+
+
 def run_summary(stage_reports: list[dict], t_start: float) -> dict:
     return {"stages": stage_reports, "train_seconds": sum(s["seconds"] for s in stage_reports),
             "wall_seconds": time.time() - t_start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -50,7 +65,7 @@ def write_test_results(out: Path, strategy: Strategy, recipe: Recipe, ctx: DataC
     detector = fit_ood(exported, ctx, device) if ctx.spec.spatial_dims == 2 else None
     if detector is not None:
         for vol in test:
-            sc = detector.score(pooled_features(exported, [vol.image], device))
+            sc = detector.score(pooled_features(exported, [ood_view(vol.image, ctx.cfg)], device))
             metrics["cases"][vol.id]["ood"] = {k: float(v.mean()) for k, v in sc.items()}
             metrics["cases"][vol.id]["ood"]["flagged"] = bool(detector.flag(sc).any())
     metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split, "recipe_sha256": recipe_hash(recipe),
@@ -74,7 +89,8 @@ def fit_ood(model: torch.nn.Module, ctx: DataContext, device, max_images: int = 
     keep = np.random.default_rng(0).permutation(len(train))[:max_images]
     train = [train[i] for i in sorted(keep)]
     val = ctx.spec.select(ctx.cfg.val_split, ctx.cfg.domain) if ctx.cfg.val_split else []
-    images = lambda cases: [torch.from_numpy(np.stack([ctx.store.get(c, False).image for c in cases[i:i + 32]]))
+    images = lambda cases: [ood_view(torch.from_numpy(np.stack([_same_size(ctx.store.get(c, False).image, ctx.cfg)
+                                                                for c in cases[i:i + 32]])), ctx.cfg)
                             for i in range(0, len(cases), 32)]
     return OODDetector().fit(pooled_features(model, images(ctx.store.load(train, False)), device),
                              pooled_features(model, images(ctx.store.load(val, False)), device))

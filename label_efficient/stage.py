@@ -84,7 +84,7 @@ def _batches(recipe: Recipe, plan: StagePlan, ctx: DataContext, strategy: Strate
                        plan.stage.val_every, seed=recipe.seed + 7919 * plan.index, augment=ctx.cfg.augment,
                        patch_size=ctx.cfg.patch_size, image_transform=strategy.image_transform(),
                        annotation=annotation, target_transform=strategy.target_transform(),
-                       target_cache=sdir / "targets")
+                       target_cache=sdir / "targets", foreground_ratio=ctx.cfg.foreground_ratio)
 
 
 def _trainer(recipe: Recipe, plan: StagePlan, module: StrategyModule, sdir: Path, validates: bool, precision: str,
@@ -154,7 +154,7 @@ def generate(plan: StagePlan, strategy: Strategy, ctx: DataContext, sdir: Path, 
     labeled = ctx.store.load(split_labeled(train, ctx.cfg.budget)[0], True)
     strategy.eval()
     m = generate_pairs(strategy.generate, ctx.store, labeled, sdir / "generated",
-                       getattr(strategy.config, "variants", 1), seed, strategy.name, plan.requires.generates_volumes)
+                       getattr(strategy.config, "variants", 1), seed, strategy.name, plan.generates_volumes)
     log.info("stage %s: %d generated pairs from %d labelled cases (%d empty masks skipped) in %s", sdir.name,
              m["variants"] * len(m["cases"]), len(m["cases"]), len(m["skipped_empty"]), sdir / "generated")
     if ctx.spec.spatial_dims == 2 and not (sdir / "generated" / "preview.png").is_file():

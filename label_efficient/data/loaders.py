@@ -24,7 +24,7 @@ from .annotation import SliceAnnotation
 from .datasets import Case
 from .readers import DataError
 from .store import CaseStore
-from .transforms import Augment2D, Augment3D
+from .transforms import Augment2D, Augment3D, PatchAugment2D
 
 log = logging.getLogger(__name__)
 #: ``(image (C, *S), label (*S), label_mask (*S), case id) -> {name: map (*S)}``: a strategy's per-case targets
@@ -136,6 +136,8 @@ class StepBatches(Dataset):
             if patch_size is None:
                 raise DataError(f"dataset '{spec.name}' is 3D: set data.patch_size (e.g. [96, 96, 64])")
             self.augment = Augment3D(patch_size, enabled=augment, foreground_ratio=foreground_ratio)
+        elif patch_size is not None:  # 2D patches at the images' own size (or at data.image_size)
+            self.augment = PatchAugment2D(patch_size, enabled=augment, foreground_ratio=foreground_ratio)
         else:
             self.augment = Augment2D(enabled=augment)
         self.mask_streams = {k: s for k, s in self.streams.items() if isinstance(s, MaskStream)}
@@ -245,7 +247,7 @@ class StepBatches(Dataset):
                                             for k in self._slabs[name][index[j]]])
                 # precomputed foreground voxels for foreground-centred crops (not for a sparse label: its own voxels)
                 fg = {"foreground": item.foreground} if stream.with_label and not self._targets_on \
-                    and isinstance(self.augment, Augment3D) else {}
+                    and isinstance(self.augment, (Augment3D, PatchAugment2D)) else {}
                 img, lab, extra = self.augment(image, label, _mix(self.seed, sid, step, j), extra, **fg)
                 images.append(torch.from_numpy(img))
                 if stream.with_label:

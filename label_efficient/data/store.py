@@ -48,7 +48,7 @@ class Loaded:
     original_size: tuple[int, ...]  # spatial size of the file
     #: NIfTI: how the training grid maps back to the file's grid (None: other formats)
     grid: Grid | None = None
-    #: 3D: up to 10,000 voxels per foreground class, rows ``(class, *voxel)`` on the training grid (labelled cases)
+    #: 3D and 2D patches: up to 10,000 voxels per foreground class, rows ``(class, *voxel)`` on the training grid (labelled cases)
     foreground: np.ndarray | None = None
     #: arrays memory-mapped from the disk cache: ``{field: .npy file}`` (pickled as their paths, reopened)
     sources: dict[str, str] | None = field(default=None, repr=False)
@@ -105,9 +105,10 @@ class CaseStore:
     def __init__(self, spec: DatasetSpec, image_size: Sequence[int] | None = None,
                  on_corrupt: Literal["error", "skip"] = "error", *, spacing: Sequence[float] | None = None,
                  orientation: str | None = None, normalize: Normalize | None = None,
-                 cache_dir: str | Path | None = None, intensity_stats: dict | None = None):
-        if spec.spatial_dims == 2 and image_size is None:
-            raise DataError(f"dataset '{spec.name}' is 2D: set data.image_size (e.g. [128, 128])")
+                 cache_dir: str | Path | None = None, intensity_stats: dict | None = None, native: bool = False):
+        if spec.spatial_dims == 2 and image_size is None and not native:
+            raise DataError(f"dataset '{spec.name}' is 2D: set data.image_size (e.g. [128, 128]) to resize every "
+                            "image, or data.patch_size to train on patches at the images' own size")
         if spacing is not None and spec.format != "nifti":
             raise DataError(f"data.spacing resamples NIfTI volumes by their affine; dataset '{spec.name}' is "
                             f"'{spec.format}' (no voxel spacing): remove data.spacing")
@@ -115,6 +116,7 @@ class CaseStore:
             raise DataError(f"data.normalize must be one of {list(NORMALIZE)} or null, got {normalize!r}")
         self.spec = spec
         self.image_size = tuple(image_size) if image_size is not None else None
+        self.native = native  # 2D: patches are cropped from the stored images (at their own size without image_size)
         self.on_corrupt = on_corrupt
         self.spacing = tuple(float(s) for s in spacing) if spacing is not None else None
         self.orientation = check_orientation(orientation) if spec.format == "nifti" else None
@@ -136,7 +138,8 @@ class CaseStore:
         s = self.spec
         return {"format": s.format, "spatial_dims": s.spatial_dims, "in_channels": s.in_channels,
                 "num_classes": s.num_classes, "intensity": self.intensity_mode, "image_size": self.image_size,
-                "spacing": self.spacing, "orientation": self.orientation, "stats": self.intensity_stats}
+                "spacing": self.spacing, "orientation": self.orientation, "stats": self.intensity_stats,
+                **({"native": True} if self.native else {})}
 
     @property
     def disk(self) -> DiskCache | None:
@@ -190,7 +193,7 @@ class CaseStore:
         image = normalize(image, mode, self.intensity_stats)
         image = image.astype(np.float32)
         original, original_size = label, tuple(image.shape[1:])
-        if spec.spatial_dims == 2:
+        if spec.spatial_dims == 2 and self.image_size is not None:  # else: native size (2D patch training)
             image = resize_image(image, self.image_size)
             label = resize_label(label, self.image_size) if label is not None else None
         if grid is not None and not grid.identity:
@@ -198,7 +201,8 @@ class CaseStore:
             label = grid.label(label) if label is not None else None
         if remap and spec.image_remap is not None:
             image = spec.image_remap(image, case)
-        foreground = foreground_locations(label) if label is not None and spec.spatial_dims == 3 else None
+        patches = spec.spatial_dims == 3 or self.native  # foreground-centred crops need these
+        foreground = foreground_locations(label) if label is not None and patches else None
         return Loaded(image, label, original, original_size, grid, foreground)
 
     def fit_normalization(self, cases: Iterable[Case]) -> dict | None:

@@ -121,3 +121,27 @@ class Augment3D:
         img = np.asarray(out["image"], dtype=np.float32)
         lab = np.asarray(out["label"])[0].astype(np.int64) if label is not None else None
         return img, lab, {k: np.asarray(out["maps"][i], dtype=np.float32) for i, k in enumerate(names)}
+
+
+class PatchAugment2D:
+    """2D patch training at native resolution: a random ``patch_size`` crop (zero-padded where the image is smaller;
+    with probability ``foreground_ratio`` centred on a foreground pixel, as :class:`Augment3D`, whose MONAI crop is
+    dimension-generic), then the weak 2D augmentation of :class:`Augment2D` on the patch."""
+
+    def __init__(self, patch_size: Sequence[int], enabled: bool = True, foreground_ratio: float = 0.0):
+        self.patch_size = tuple(patch_size)
+        self.crop = Augment3D(self.patch_size, enabled=False, foreground_ratio=foreground_ratio)
+        self.augment = Augment2D(enabled=enabled)
+        self._said_padded = False
+
+    def __call__(self, image: np.ndarray, label: np.ndarray | None, seed: int, maps: Maps | None = None,
+                 foreground: np.ndarray | None = None):
+        if not self._said_padded and any(s < p for s, p in zip(image.shape[1:], self.patch_size)):
+            import logging
+
+            logging.getLogger("label_efficient").info(
+                "an image of size %s is smaller than data.patch_size %s: it is zero-padded (said once)",
+                list(image.shape[1:]), list(self.patch_size))
+            self._said_padded = True
+        img, lab, maps = self.crop(image, label, seed, maps, foreground=foreground)
+        return self.augment(np.ascontiguousarray(img), lab, seed, maps)
