@@ -28,7 +28,6 @@ The network of the recipe's backbone is not trained here: the stage hands no wei
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Literal
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .ema import ema_update, make_teacher
 from .requirements import Requirements
 
 
@@ -86,7 +86,7 @@ class AugPaint(Strategy):
             layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups,
             down_block_types=("DownBlock2D",) * plain + ("AttnDownBlock2D",) * c.attention_levels,
             up_block_types=("AttnUpBlock2D",) * c.attention_levels + ("UpBlock2D",) * plain)
-        self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
+        self.ema = make_teacher(self.denoiser)
         lo, hi = c.intensity_range if c.intensity_range else (math.nan, math.nan)
         if c.intensity_range and not hi > lo:
             raise ValueError(f"intensity_range {c.intensity_range}: the upper bound must exceed the lower")
@@ -134,11 +134,8 @@ class AugPaint(Strategy):
         base = self.config.ema_decay or min(0.9999, 1 - 10 / max(self.total_steps, 20))
         return min(base, (1 + step) / (10 + step))
 
-    @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
-        d = self.ema_decay_at(step)
-        for e, p in zip(self.ema.parameters(), self.denoiser.parameters()):
-            e.lerp_(p.detach(), 1 - d)
+        ema_update(self.ema, self.denoiser, self.ema_decay_at(step), buffers=False, lerp=True)
 
     # -- generation ------------------------------------------------------------------------------
     def known_mask(self, label: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,6 @@ Departures, each for a reason:
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -52,6 +51,7 @@ from torch import nn
 
 from ..losses import ce_dice, supervised_loss
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .ema import ema_update, make_teacher
 from .requirements import Requirements
 
 
@@ -242,9 +242,7 @@ class SDCUDATranslate(Strategy):
                                       c.inter_slice)
         self.g_ab, self.g_ba = make(), make()
         self.d_a, self.d_b = SliceDiscriminator(self.channels, c.disc_width), SliceDiscriminator(self.channels, c.disc_width)
-        self.g_ab_ema, self.g_ba_ema = copy.deepcopy(self.g_ab), copy.deepcopy(self.g_ba)
-        for p in list(self.g_ab_ema.parameters()) + list(self.g_ba_ema.parameters()):
-            p.requires_grad_(False)
+        self.g_ab_ema, self.g_ba_ema = make_teacher(self.g_ab), make_teacher(self.g_ba)
         self.pool_a, self.pool_b = HistoryPool(c.pool_size), HistoryPool(c.pool_size)
 
     def stream_options(self):
@@ -288,7 +286,8 @@ class SDCUDATranslate(Strategy):
         identity = F.l1_loss(self.g_ab(b), b) + F.l1_loss(self.g_ba(a), a)
         loss_g = adv + c.cycle_weight * cycle + c.identity_weight * identity
         self.optimizer_step("generator", loss_g)
-        self._update_ema()
+        for ema, net in ((self.g_ab_ema, self.g_ab), (self.g_ba_ema, self.g_ba)):
+            ema_update(ema, net, c.ema_decay, buffers=False, lerp=True)  # parameters only
         # discriminator step: real vs pooled fakes, lazy R1 every r1_every steps
         for p in self.trainable_parameters()["discriminator"]:
             p.requires_grad_(True)
@@ -300,12 +299,6 @@ class SDCUDATranslate(Strategy):
         return StepOutput(loss_g.detach() + loss_d.detach(),
                           {"loss_g_adv": adv.detach(), "loss_cycle": cycle.detach(), "loss_identity": identity.detach(),
                            "loss_d": loss_d.detach(), "r1": (r1_a + r1_b).item() if r1 else float("nan")})
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        for ema, net in ((self.g_ab_ema, self.g_ab), (self.g_ba_ema, self.g_ba)):
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - self.config.ema_decay)
 
     @torch.no_grad()
     def translate_volume(self, volume: torch.Tensor, generator: nn.Module | None = None) -> torch.Tensor:
@@ -393,9 +386,7 @@ class SDCUDASelfTrain(Strategy):
         if self.config.rounds < 1:
             raise ValueError(f"sdc_uda_self_train: rounds must be ≥ 1, got {self.config.rounds}")
         self.loss_fn = ce_dice(num_classes)
-        self.teacher = copy.deepcopy(model)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = make_teacher(model)
         self.register_buffer("round", torch.zeros((), dtype=torch.long))
 
     def round_of(self, step: int) -> int:
