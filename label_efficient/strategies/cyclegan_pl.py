@@ -52,6 +52,7 @@ from ..transforms.components import largest_component_labels
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .requirements import Requirements
 from .ema import ema_update, make_teacher
+from .replay import ImagePool
 
 
 # -- losses ---------------------------------------------------------------------------------------
@@ -197,38 +198,6 @@ class MaskGenerator(nn.Module):
             return first, first
         c = torch.sigmoid(self.dgcc(d_m.encode(first)[0]))
         return first, (self.unet.final_conv(f * c[:, :, None, None]) / self.temperature).softmax(1)
-
-
-class ImagePool(nn.Module):
-    """CycleGAN's history of generated samples (Shrivastava et al.): D sees a mix of new and past fakes; kept in
-    the state dict, so a resumed run continues with the same pool."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size, self.items = size, []
-
-    def forward(self, fakes: torch.Tensor) -> torch.Tensor:
-        if self.size == 0:
-            return fakes
-        out = []
-        for f in fakes.detach():
-            if len(self.items) < self.size:
-                self.items.append(f.clone())
-                out.append(f)
-            elif torch.rand(()) < 0.5:
-                k = int(torch.randint(len(self.items), ()))
-                out.append(self.items[k])
-                self.items[k] = f.clone()
-            else:
-                out.append(f)
-        return torch.stack(out)
-
-    def get_extra_state(self):
-        return {"items": torch.stack(self.items) if self.items else torch.zeros(0)}
-
-    def set_extra_state(self, state) -> None:
-        items = state["items"]
-        self.items = list(items.unbind(0)) if items.numel() else []
 
 
 def _in_channels(model: nn.Module) -> int:

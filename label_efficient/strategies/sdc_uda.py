@@ -31,7 +31,6 @@ Departures, each for a reason:
   heads, 256², 100k iterations); the recipes say how far below.
 * The lazy R1 penalty is added to that step's discriminator loss instead of a separate optimizer step (the loop steps
   each optimizer once per training step); the gradient is the same sum.
-* The history pool is not checkpointed: a resumed run refills it from empty.
 * Pseudo labels are computed on the fly from the round's frozen teacher on the student's (augmented) batch, instead of
   predicting and storing the target volumes once per round: the same teacher and refinement, no files. The intensity
   range of structure c is the ``intensity_quantiles`` of the image's confident c voxels (thresholds unreleased: all
@@ -52,6 +51,7 @@ from torch import nn
 from ..losses import ce_dice, supervised_loss
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .ema import ema_update, make_teacher
+from .replay import ImagePool
 from .requirements import Requirements
 
 
@@ -172,25 +172,6 @@ class SliceDiscriminator(nn.Module):
         return self.out(self.body(x)).mean((1, 2, 3))
 
 
-class HistoryPool:
-    """CycleGAN replay buffer of fake slabs: until full, return the new one; then with p = ½ a stored one (swapped)."""
-
-    def __init__(self, size: int):
-        self.size, self.items = size, []
-
-    def query(self, fake: torch.Tensor) -> torch.Tensor:
-        fake = fake.detach()
-        if self.size == 0:
-            return fake
-        if len(self.items) < self.size:
-            self.items.append(fake)
-            return fake
-        if torch.rand(()) < 0.5:
-            i = int(torch.randint(len(self.items), ()))
-            self.items[i], fake = fake, self.items[i]
-        return fake
-
-
 def to_unit_range(slab: torch.Tensor) -> torch.Tensor:
     """Min–max scale one slab to [-1, 1] (a constant slab becomes −1)."""
     lo, hi = slab.min(), slab.max()
@@ -243,7 +224,7 @@ class SDCUDATranslate(Strategy):
         self.g_ab, self.g_ba = make(), make()
         self.d_a, self.d_b = SliceDiscriminator(self.channels, c.disc_width), SliceDiscriminator(self.channels, c.disc_width)
         self.g_ab_ema, self.g_ba_ema = make_teacher(self.g_ab), make_teacher(self.g_ba)
-        self.pool_a, self.pool_b = HistoryPool(c.pool_size), HistoryPool(c.pool_size)
+        self.pool_a, self.pool_b = ImagePool(c.pool_size), ImagePool(c.pool_size)  # one slab a sample
 
     def stream_options(self):
         return {"labeled": {"slab": self.config.slab}, "unlabeled": {"slab": self.config.slab}}
@@ -292,8 +273,8 @@ class SDCUDATranslate(Strategy):
         for p in self.trainable_parameters()["discriminator"]:
             p.requires_grad_(True)
         r1 = c.r1_every > 0 and step % c.r1_every == 0
-        loss_da, r1_a = self._disc_loss(self.d_a, a, self.pool_a.query(fake_a), r1)
-        loss_db, r1_b = self._disc_loss(self.d_b, b, self.pool_b.query(fake_b), r1)
+        loss_da, r1_a = self._disc_loss(self.d_a, a, self.pool_a(fake_a[None])[0], r1)
+        loss_db, r1_b = self._disc_loss(self.d_b, b, self.pool_b(fake_b[None])[0], r1)
         loss_d = loss_da + loss_db
         self.optimizer_step("discriminator", loss_d)
         return StepOutput(loss_g.detach() + loss_d.detach(),
