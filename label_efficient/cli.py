@@ -1,4 +1,4 @@
-"""Command line: ``label-efficient run|sweep|evaluate|predict|doctor|list``."""
+"""Command line: ``label-efficient run|sweep|evaluate|predict|plan|doctor|list``."""
 from __future__ import annotations
 
 import argparse
@@ -133,7 +133,7 @@ def _cmd_doctor(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="label-efficient", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a recipe (all stages, then the test evaluation)")
@@ -182,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_doctor)
     p = sub.add_parser("list", help="list strategies, backbones and datasets")
     p.set_defaults(func=_cmd_list)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
