@@ -48,6 +48,7 @@ from pydantic import Field
 from scipy import ndimage
 from torch import nn
 
+from ..losses import dice_loss, noise_weighted_dice
 from ..transforms.components import largest_component_labels
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .requirements import Requirements
@@ -64,16 +65,6 @@ def lsgan_d(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 def lsgan_g(fake: torch.Tensor) -> torch.Tensor:
     """E[(D(fake) − 1)²]."""
     return ((fake - 1) ** 2).mean()
-
-
-def noise_weighted_dice(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                        smooth: float = 1e-5) -> torch.Tensor:
-    """L_NWD = 1 − (2Σ w p y + ε) / (Σ w (p + y) + ε), batch-summed per foreground class, averaged over classes;
-    ``probs``, ``target`` (one-hot), ``weight``: (N, K, *S)."""
-    dims = [0] + list(range(2, probs.ndim))
-    p, y, w = probs[:, 1:], target[:, 1:].to(probs.dtype), weight[:, 1:].to(probs.dtype)
-    dice = (2 * (w * p * y).sum(dims) + smooth) / ((w * (p + y)).sum(dims) + smooth)
-    return 1 - dice.mean()
 
 
 def label_weights(reference: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -163,8 +154,7 @@ class VAEDiscriminator(nn.Module):
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         logits = self.decode(z, m.shape[2:])
         if recon == "dice":
-            p, dims = logits.softmax(1), [0, 2, 3]
-            rec = 1 - ((2 * (p * m).sum(dims) + 1e-5) / ((p + m).sum(dims) + 1e-5)).mean()
+            rec = dice_loss(logits.softmax(1), m, smooth=1e-5, joint_sum=True)
         else:
             rec = F.binary_cross_entropy_with_logits(logits, m)
         kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).mean()

@@ -39,17 +39,10 @@ from torch import nn
 
 from ..backbones.rotated_heads import RotatedHeads, default_rotations, ensemble_logits, rotated_head_probs, split_heads
 from ..backbones.taps import batchnorm_layers
+from ..losses import masked_dice_loss
 from ..transforms.components import largest_component_mask
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .requirements import Requirements
-
-
-def masked_dice_loss(probs: torch.Tensor, pseudo: torch.Tensor, smooth: float = 1e-4) -> torch.Tensor:
-    """Mean over classes of 1 − (2Σ q·Y + s)/(ΣY + Σq² + s), q = p ⊙ Y (UPL-SFDA ``DiceLoss`` on masked output)."""
-    q = probs * pseudo
-    dims = [0] + list(range(2, probs.ndim))
-    dice = (2 * (q * pseudo).sum(dims) + smooth) / (pseudo.sum(dims) + (q * q).sum(dims) + smooth)
-    return (1 - dice).mean()
 
 
 class UPLSFDAConfig(StrategyConfig):
