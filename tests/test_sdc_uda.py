@@ -16,7 +16,8 @@ from label_efficient.data.synthetic import generate_pairs, load_pairs
 from label_efficient.backbones import build_backbone
 from label_efficient.recipe import RecipeError, parse_recipe
 from label_efficient.strategies import build_strategy
-from label_efficient.strategies.sdc_uda import SliceAttention, SliceGenerator, refine_pseudo_labels
+from label_efficient.networks.slice_transformer import SliceAttention, SliceGenerator
+from label_efficient.strategies.sdc_uda import refine_pseudo_labels
 
 
 # -- attention ----------------------------------------------------------------------------------------

@@ -156,6 +156,17 @@ def out_channels(model: nn.Module, name: str) -> int:
     return convs[-1].out_channels
 
 
+def input_channels(model: nn.Module, hint: str = "") -> int:
+    """Image channels a backbone takes: the input channels of its first (not transposed) convolution, for strategies
+    that build networks of their own on the same images (they are not told the channels). ``hint``: what the caller
+    can set instead, added to the error."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed), None)
+    if conv is None:
+        raise ValueError(f"cannot read the input channels of backbone {type(model).__name__}: it has no convolution"
+                         + (f"; {hint}" if hint else ""))
+    return conv.in_channels
+
+
 def get_head(model: nn.Module, points: Mapping[str, str] | None = None) -> nn.Module:
     """The output head of ``model`` (tap point ``head``)."""
     pts = resolve_tap_points(model, points)

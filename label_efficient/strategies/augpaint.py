@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..backbones.taps import input_channels
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .ema import ema_update, make_teacher
 from .requirements import Requirements
@@ -80,7 +81,7 @@ class AugPaint(Strategy):
             raise ValueError(f"block_out_channels {c.block_out_channels} must be multiples of norm_num_groups="
                              f"{c.norm_num_groups}")
         plain = levels - c.attention_levels
-        in_ch = _in_channels(model)
+        in_ch = input_channels(model)
         self.denoiser = UNet2DModel(
             in_channels=in_ch, out_channels=in_ch, block_out_channels=c.block_out_channels,
             layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups,
@@ -206,11 +207,3 @@ class AugPaint(Strategy):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("augpaint is a generating stage, not a segmenter: follow it with a segmenting stage "
                            "that reads its pairs (data.synthetic: {from_stage: <this stage>})")
-
-
-def _in_channels(model: torch.nn.Module) -> int:
-    """Input channels of the backbone: those of its first convolution."""
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            return m.in_channels
-    raise ValueError(f"cannot tell the input channels of backbone {type(model).__name__}")
