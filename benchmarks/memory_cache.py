@@ -119,7 +119,10 @@ def main() -> None:
                       f"patch {args.patch}, foreground_ratio 1/3, {args.batches} batches, 1 thread",
               "copies": args.copies, "cache_mb": round(size / 2**20), "rows": rows}
     RESULT.parent.mkdir(exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    saved = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    runs = saved.get("runs") or ({str(saved["copies"] * 24): saved} if saved else {})  # one entry per case count
+    runs[str(24 * args.copies)] = result
+    RESULT.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     print(f"cache on disk: {result['cache_mb']} MB; written {RESULT}")
 
 
