@@ -4,7 +4,8 @@ import torch
 
 from label_efficient.backbones import build_backbone
 from label_efficient.strategies import DSAIF
-from label_efficient.strategies.dsaif import fresh_copy, in_unit_range
+from label_efficient.strategies.dsaif import in_unit_range
+from label_efficient.strategies.ema import reinitialised
 from label_efficient.transforms.rotate import rotate_quarter, rotation_dims
 from label_efficient.transforms.tree_filter import TreeViews
 
@@ -27,7 +28,7 @@ def test_two_independent_networks():
     p1, p2 = list(s.model.parameters()), list(s.model2.parameters())
     assert not any(torch.equal(a, b) for a, b in zip(p1, p2) if a.dim() > 1)
     assert len(s.trainable_parameters()) == len(p1) + len(p2)
-    twin = fresh_copy(s.model)
+    twin = reinitialised(s.model)
     assert type(twin) is type(s.model)
 
 

@@ -26,7 +26,6 @@ instead of rebuilding the dataset every 1000 iterations; the weights are the sam
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Literal
 
@@ -37,6 +36,7 @@ from ..data.readers import DataError
 from ..losses import sample_weighted_ce, sigmoid_rampup, weighted_dice
 from ..transforms.propagation import SlicePropagator
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .ema import reinitialised
 from .requirements import Requirements
 
 
@@ -48,15 +48,6 @@ def annotated_slices(label_mask: np.ndarray) -> dict[int, list[int]]:
         if full.any():
             out[axis] = [int(i) for i in np.flatnonzero(full)]
     return out
-
-
-def reinitialised(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with fresh random parameters (Net2: same architecture, its own initialisation)."""
-    net = copy.deepcopy(model)
-    for m in net.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return net
 
 
 @register_strategy("desco")

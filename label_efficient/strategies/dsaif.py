@@ -26,8 +26,6 @@ reproduces it, we keep the 3D code's rotation in 2D too.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
@@ -36,16 +34,8 @@ from ..transforms.rotate import rotate_quarter, rotation_dims
 from ..transforms.tree_filter import TreeViews
 from ..utils import mean_probs_as_logits
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
+from .ema import reinitialised
 from .requirements import Requirements
-
-
-def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with every layer re-initialised (an independent second network of the same kind)."""
-    twin = copy.deepcopy(model)
-    for m in twin.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return twin
 
 
 def in_unit_range(fn, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +85,7 @@ class DSAIF(Strategy):
         super().__init__(model, num_classes, config, **overrides)
         if self.config.predict_with not in ("net1", "net2", "mean"):
             raise ValueError(f"predict_with must be net1, net2 or mean, got {self.config.predict_with!r}")
-        self.model2 = fresh_copy(model)
+        self.model2 = reinitialised(model)
         self.loss_fn = ce_dice(num_classes)
 
     def image_transform(self):

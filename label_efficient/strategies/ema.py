@@ -1,4 +1,5 @@
-"""Exponential moving average of a network (mean teacher), the one helper of every strategy with an EMA copy."""
+"""Copies of the student network: the frozen EMA teacher (mean teacher; every strategy with an EMA copy) and a
+re-initialised twin (co-training strategies)."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +14,16 @@ def make_teacher(student: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def reinitialised(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every layer re-initialised (``reset_parameters``, in module order): an independent
+    second network of the same architecture (DeSCO's Net2, DSAIF's f₂)."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return twin
 
 
 @torch.no_grad()
