@@ -31,6 +31,20 @@ log = logging.getLogger(__name__)
 TargetTransform = Callable[[np.ndarray, np.ndarray, np.ndarray, str], dict[str, np.ndarray]]
 
 
+def volume_positions(cases: Sequence[Case]) -> dict[str, list[int]]:
+    """Positions in ``cases`` of each volume's slices, in slice order (``index``); volumes in order of first
+    appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(cases):
+        groups.setdefault(c.volume, []).append(i)
+    return {v: sorted(ix, key=lambda i: cases[i].index) for v, ix in groups.items()}
+
+
+def group_by_volume(cases: Sequence[Case]) -> dict[str, list[Case]]:
+    """Cases grouped by ``volume`` (in order of first appearance), each volume's slices in order of ``index``."""
+    return {v: [cases[i] for i in ix] for v, ix in volume_positions(cases).items()}
+
+
 @dataclass
 class Stream:
     """A sampled stream of cases; ``with_label=False`` streams never read or return masks.
@@ -72,11 +86,7 @@ class Stream:
     def slab_neighbours(self) -> list[list[int]]:
         """For each case, the indices into ``cases`` of its slab (centre ± slab//2, clamped at the volume's ends)."""
         half, out = self.slab // 2, [[] for _ in self.cases]
-        by_volume: dict[str, list[int]] = {}
-        for i, c in enumerate(self.cases):
-            by_volume.setdefault(c.volume, []).append(i)
-        for ix in by_volume.values():
-            ix = sorted(ix, key=lambda i: self.cases[i].index)
+        for ix in volume_positions(self.cases).values():
             for z, i in enumerate(ix):
                 out[i] = [ix[min(max(z + d, 0), len(ix) - 1)] for d in range(-half, half + 1)]
         return out
@@ -88,10 +98,8 @@ class Stream:
 
     def volume_slices(self) -> list[list[int]]:
         """Indices into ``cases`` of each volume's slices, in slice order (for volume-partition sampling)."""
-        by_volume: dict[str, list[int]] = {}
-        for i, c in enumerate(self.cases):
-            by_volume.setdefault(c.volume, []).append(i)
-        vols = [sorted(ix, key=lambda i: self.cases[i].index) for _, ix in sorted(by_volume.items())]
+        by_volume = volume_positions(self.cases)
+        vols = [ix for _, ix in sorted(by_volume.items())]
         short = [self.cases[v[0]].volume for v in vols if len(v) < (self.partitions or 1)]
         if short:
             raise DataError(f"volume-partition sampling with {self.partitions} partitions needs at least that many "
@@ -327,12 +335,8 @@ class EvalVolume:
 def eval_volumes(store: CaseStore, cases: Sequence[Case], with_label: bool = True) -> list[EvalVolume]:
     """Group cases into evaluation volumes (2D slices stacked in order of ``index``)."""
     cases = store.load(cases, with_label)
-    by_volume: dict[str, list[Case]] = {}
-    for c in cases:
-        by_volume.setdefault(c.volume, []).append(c)
     out = []
-    for vid, cs in by_volume.items():
-        cs = sorted(cs, key=lambda c: c.index)
+    for vid, cs in group_by_volume(cases).items():
         items = [store.get(c, with_label) for c in cs]
         if store.spec.spatial_dims == 2:
             image = torch.from_numpy(np.stack([it.image for it in items]))
