@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 
-def ce_dice(num_classes: int) -> DiceCELoss:
-    """½(CE + soft Dice); Dice over all classes including background, squared denominators, batch-summed."""
+def ce_dice() -> DiceCELoss:
+    """½(CE + soft Dice); Dice over all classes including background, squared denominators, batch-summed (the class
+    count is the logits' channels: the labels are one-hot encoded to it)."""
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=True, squared_pred=True, batch=True,
                       lambda_dice=0.5, lambda_ce=0.5, smooth_nr=1e-5, smooth_dr=1e-5)
 

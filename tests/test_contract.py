@@ -21,8 +21,8 @@ def _logits_label(seed=0):
 
 def test_full_label_mask_equals_the_dense_loss():
     logits, label = _logits_label()
-    dense = supervised_loss(ce_dice(3), logits, label)
-    masked = supervised_loss(ce_dice(3), logits, label, torch.ones(2, 8, 8))
+    dense = supervised_loss(ce_dice(), logits, label)
+    masked = supervised_loss(ce_dice(), logits, label, torch.ones(2, 8, 8))
     assert masked.item() == pytest.approx(dense.item(), rel=1e-5)
 
 
@@ -30,14 +30,14 @@ def test_unmarked_voxels_get_exactly_zero_gradient():
     logits, label = _logits_label()
     mask = torch.zeros(2, 8, 8)
     mask[:, 3] = 1  # one annotated row per image
-    supervised_loss(ce_dice(3), logits, label, mask).backward()
+    supervised_loss(ce_dice(), logits, label, mask).backward()
     grad = logits.grad.abs().sum(1)
     assert (grad[mask == 0] == 0).all() and (grad[mask > 0] > 0).all()
 
 
 def test_a_mask_marking_nothing_gives_zero_loss_not_nan():
     logits, label = _logits_label()
-    loss = supervised_loss(ce_dice(3), logits, label, torch.zeros(2, 8, 8))
+    loss = supervised_loss(ce_dice(), logits, label, torch.zeros(2, 8, 8))
     loss.backward()
     assert torch.isfinite(loss) and loss.item() == 0 and logits.grad.abs().sum() == 0
 

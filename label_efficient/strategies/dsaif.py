@@ -86,7 +86,7 @@ class DSAIF(Strategy):
         if self.config.predict_with not in ("net1", "net2", "mean"):
             raise ValueError(f"predict_with must be net1, net2 or mean, got {self.config.predict_with!r}")
         self.model2 = reinitialised(model)
-        self.loss_fn = ce_dice(num_classes)
+        self.loss_fn = ce_dice()
 
     def image_transform(self):
         return TreeViews(self.config.area_threshold)

@@ -53,7 +53,7 @@ class MeanTeacher(Strategy):
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
         self.teacher = make_teacher(model)
-        self.loss_fn = ce_dice(num_classes)
+        self.loss_fn = ce_dice()
         self.strong = StrongIntensity() if self.config.student_view == "strong" else None
 
     def consistency_weight(self, step: int) -> float:

@@ -244,7 +244,7 @@ class SDCUDASelfTrain(Strategy):
         super().__init__(model, num_classes, config, **overrides)
         if self.config.rounds < 1:
             raise ValueError(f"sdc_uda_self_train: rounds must be ≥ 1, got {self.config.rounds}")
-        self.loss_fn = ce_dice(num_classes)
+        self.loss_fn = ce_dice()
         self.teacher = make_teacher(model)
         self.register_buffer("round", torch.zeros((), dtype=torch.long))
 

@@ -18,7 +18,7 @@ class Supervised(Strategy):
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
-        self.loss_fn = ce_dice(num_classes)
+        self.loss_fn = ce_dice()
 
     def training_step(self, batch, step):
         lab = batch["labeled"]
