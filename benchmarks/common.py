@@ -53,9 +53,32 @@ def resolved_precision(trainer: dict) -> str:
 
 
 def summarise(m: dict) -> dict:
-    """The fields every row keeps from a run's metrics.json."""
-    return {"mean_dice": round(m["mean_dice"], 4), "hd95": round(m["mean_hd95"], 2),
-            "per_class_dice": {k: round(v, 4) for k, v in m["per_class"]["dice"].items()}}
+    """The fields every row keeps from a run's metrics.json: the test scores of the selected checkpoint
+    (``mean_dice``, ``hd95``, per class) and, for runs that scored it (``last_checkpoint``), those of the last
+    stage's ``last.ckpt`` (``last_mean_dice``, ``last_hd95``; ``selected_checkpoint`` names the other)."""
+    row = {"mean_dice": round(m["mean_dice"], 4), "hd95": round(m["mean_hd95"], 2),
+           "per_class_dice": {k: round(v, 4) for k, v in m["per_class"]["dice"].items()}}
+    last = m.get("last_checkpoint")
+    if last and last.get("mean_dice") is not None:
+        row.update({"selected_checkpoint": last.get("selected"), "last_mean_dice": round(last["mean_dice"], 4),
+                    "last_hd95": None if last.get("mean_hd95") is None else round(last["mean_hd95"], 2)})
+    return row
+
+
+def row_provenance(m: dict) -> dict:
+    """A row's copy of a run's ``provenance`` (metrics.json), flattened: precision actually used, device (CUDA
+    name or ``cpu``), CPU model and speed flags present, threads, library versions, commit, wall time and peak
+    memory of the process that wrote the results; ``{}`` for runs made before metrics.json recorded it."""
+    p = m.get("provenance")
+    if not p:
+        return {}
+    dev, cpu, v = p.get("device") or {}, p.get("cpu") or {}, p.get("versions") or {}
+    return {"precision": p.get("precision"), "precision_requested": p.get("precision_requested"),
+            "device": dev.get("name") or dev.get("type"), "cpu_model": cpu.get("model"),
+            "cpu_flags": sorted(f for f, on in (cpu.get("flags") or {}).items() if on), "threads": cpu.get("threads"),
+            "torch": v.get("torch"), "monai": v.get("monai"), "lightning": v.get("lightning"),
+            "git_commit": p.get("git_commit"), "git_dirty": p.get("git_dirty"), "wall_seconds": p.get("wall_seconds"),
+            "peak_rss_mb": p.get("peak_rss_mb"), "peak_cuda_mb": p.get("peak_cuda_allocated_mb")}
 
 
 def run_row(row: str, runs: Path, build: Callable[[str, str], dict], protocol: dict) -> dict:
@@ -75,11 +98,12 @@ def run_row(row: str, runs: Path, build: Callable[[str, str], dict], protocol: d
         r["stages"][0]["steps"] = int(rest[1])
         tag += f"_t{rest[1]}"
     m = run_recipe_process({**r, "seed": seed}, runs / tag)
+    prov = row_provenance(m)
     return {"strategy": strategy, "labeled": labeled, "seed": seed, "schedule": "longer" if len(rest) > 1 else "protocol",
             **summarise(m), "steps": sum(s["steps"] for s in m["stages"]), "train_seconds": round(m["train_seconds"], 1),
             "peak_rss_mb": round(m["peak_rss_mb"], 1), "threads": 1,
-            "precision": resolved_precision(r.get("trainer", {})),
-            "protocol": {k: v for k, v in protocol.items() if k != "trainer"}}
+            "precision": prov.get("precision") or resolved_precision(r.get("trainer", {})),
+            "protocol": {k: v for k, v in protocol.items() if k != "trainer"}, "provenance": prov}
 
 
 def run_rows(rows: Iterable[str], jobs: int, run: Callable[[str], dict], save: Callable[[dict], object]) -> None:
@@ -228,19 +252,29 @@ def train_seconds(r: dict) -> str:
     return f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "n/a (resumed)"
 
 
+#: the precision cell of a row made before rows recorded it ("not recorded")
+NOT_RECORDED = "n/r"
+
+
+def precision_cell(r: dict) -> str:
+    return r.get("precision") or NOT_RECORDED
+
+
 def result_table(rows: list[dict], ceiling: float | None = None, baselines: dict[str, str | None] | None = None) -> str:
-    """Markdown table of ``run_row`` rows; class columns come from the rows' ``per_class_dice``, a precision column
-    appears where rows record one. Gap closed is measured against the row's baseline (``baselines[strategy]``,
-    default ``supervised``; ``None``: no gap) with the same labels, seed and steps, up to ``ceiling`` (default: the
-    rows' supervised-all Dice)."""
+    """Markdown table of ``run_row`` rows; class columns come from the rows' ``per_class_dice``. Every table has a
+    precision column (``n/r`` for rows made before it was recorded), so no table mixes precisions silently, and a
+    "last-ckpt Dice" column (the last stage's ``last.ckpt`` on test, beside the selected checkpoint's mean Dice)
+    where any row scored it. Gap closed is measured against the row's baseline (``baselines[strategy]``, default
+    ``supervised``; ``None``: no gap) with the same labels, seed and steps, up to ``ceiling`` (default: the rows'
+    supervised-all Dice)."""
     baselines = baselines or {}
     dice = {(r["strategy"], r["labeled"], row_seed(r), r["steps"]): r["mean_dice"] for r in rows}
     if ceiling is None:
         ceiling = next((r["mean_dice"] for r in rows if r["strategy"] == "supervised" and r["labeled"] == "all"), None)
     classes = list(dict.fromkeys(c for r in rows for c in r.get("per_class_dice", {})))
-    precision = any("precision" in r for r in rows)
+    last = any("last_mean_dice" in r for r in rows)
     header = ["strategy", "labelled", "seed", "mean Dice", *classes, "HD95 (px)", "gap closed", "steps", "train s",
-              "peak RSS MB"] + (["precision"] if precision else [])
+              "peak RSS MB"] + (["last-ckpt Dice"] if last else []) + ["precision"]
     out = []
     for r in rows:
         baseline = baselines.get(r["strategy"], "supervised")
@@ -249,7 +283,9 @@ def result_table(rows: list[dict], ceiling: float | None = None, baselines: dict
             gap = pct(gap_closed(r["mean_dice"], base, ceiling))
         pc = [f"{r.get('per_class_dice', {}).get(c, float('nan')):.3f}" for c in classes]
         out.append([r["strategy"], r["labeled"], row_seed(r), f"{r['mean_dice']:.4f}", *pc, f"{r['hd95']:.2f}", gap,
-                    r["steps"], train_seconds(r), f"{r['peak_rss_mb']:.0f}"] + ([r.get("precision", "")] if precision else []))
+                    r["steps"], train_seconds(r), f"{r['peak_rss_mb']:.0f}"]
+                   + ([f"{r['last_mean_dice']:.4f}" if "last_mean_dice" in r else NOT_RECORDED] if last else [])
+                   + [precision_cell(r)])
     return md_table(header, out)
 
 
