@@ -35,7 +35,7 @@ Implementation notes
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Literal
 
 import higra as hg
@@ -141,14 +141,36 @@ def _tree_filter_single(
     return _dequantise(out, lo, hi)
 
 
-def tree_filter(
-    image: np.ndarray,
-    tree: Literal["max", "min"],
-    area_threshold: int = 50,
-    prune_single_child: bool = True,
-    *,
-    channel_axis: int | None = None,
-) -> np.ndarray:
+def _checked_input(image, tree: str, area_threshold) -> np.ndarray:
+    """``image`` as an array, after checking the arguments of :func:`tree_filter` (the image's shape is checked per
+    channel by :func:`_tree_filter_single`)."""
+    if tree not in ("max", "min"):
+        raise ValueError(f"tree must be 'max' or 'min', got {tree!r}")
+    if isinstance(area_threshold, bool) or not isinstance(area_threshold, (int, np.integer)):
+        raise TypeError(f"area_threshold must be an int, got {type(area_threshold).__name__}")
+    if area_threshold < 0:
+        raise ValueError(f"area_threshold must be >= 0, got {area_threshold}")
+    arr = np.asarray(image)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+            or arr.dtype == np.bool_):
+        raise TypeError(f"unsupported dtype {arr.dtype}")
+    return arr
+
+
+def _per_channel(filter_one, arr: np.ndarray, channel_axis: int) -> np.ndarray:
+    """``filter_one`` applied to every channel (along ``channel_axis``) of a 3D/4D array, stacked back along it."""
+    if arr.ndim not in (3, 4):
+        raise ValueError(
+            f"with channel_axis, expected a 3D or 4D array (channels + 2D/3D), got shape {arr.shape}"
+        )
+    axis = int(channel_axis)
+    if not -arr.ndim <= axis < arr.ndim:
+        raise ValueError(f"channel_axis {channel_axis} out of range for shape {arr.shape}")
+    return np.stack([filter_one(c) for c in np.moveaxis(arr, axis, 0)], axis=axis)
+
+
+def tree_filter(image: np.ndarray, tree: Literal["max", "min"], area_threshold: int = 50,
+                prune_single_child: bool = True, *, channel_axis: int | None = None) -> np.ndarray:
     """DSAIF structure-aware filter on the Max-tree or the Min-tree.
 
     Gu et al., "Dual Structure-Aware Image Filterings for Semi-supervised
@@ -197,32 +219,10 @@ def tree_filter(
     Returns:
         float32 array of the same shape as ``image``.
     """
-    if tree not in ("max", "min"):
-        raise ValueError(f"tree must be 'max' or 'min', got {tree!r}")
-    if isinstance(area_threshold, bool) or not isinstance(area_threshold, (int, np.integer)):
-        raise TypeError(f"area_threshold must be an int, got {type(area_threshold).__name__}")
-    if area_threshold < 0:
-        raise ValueError(f"area_threshold must be >= 0, got {area_threshold}")
-    arr = np.asarray(image)
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-            or arr.dtype == np.bool_):
-        raise TypeError(f"unsupported dtype {arr.dtype}")
-
-    if channel_axis is None:
-        return _tree_filter_single(arr, tree, int(area_threshold), prune_single_child)
-
-    if arr.ndim not in (3, 4):
-        raise ValueError(
-            f"with channel_axis, expected a 3D or 4D array (channels + 2D/3D), got shape {arr.shape}"
-        )
-    axis = int(channel_axis)
-    if not -arr.ndim <= axis < arr.ndim:
-        raise ValueError(f"channel_axis {channel_axis} out of range for shape {arr.shape}")
-    channels = [
-        _tree_filter_single(c, tree, int(area_threshold), prune_single_child)
-        for c in np.moveaxis(arr, axis, 0)
-    ]
-    return np.stack(channels, axis=axis)
+    arr = _checked_input(image, tree, area_threshold)
+    filter_one = partial(_tree_filter_single, tree=tree, area_threshold=int(area_threshold),
+                         prune_single_child=prune_single_child)
+    return filter_one(arr) if channel_axis is None else _per_channel(filter_one, arr, channel_axis)
 
 
 class TreeViews:
