@@ -48,6 +48,13 @@ VOXEL_CAP = {"cpu": 112 * 112 * 80, "cuda": 160 * 160 * 128}  #: CPU: BCP's offi
 BATCH_CAP_2D = {"cpu": 12, "cuda": 32}  #: CPU: the shipped ACDC recipes' batch 12
 BATCH_CAP_3D = {"cpu": 2, "cuda": 4}  #: CPU: the shipped LA recipes' batch 2
 LCC_MAX_OUTSIDE = 0.05  #: largest-component cleaning off above this share of a class outside its largest component
+#: 2D: native-resolution patches instead of resizing when a class's structure width / downscale factor < THIN_PX
+THIN_PX = 2.0
+WIDTH_SAMPLE = 40  #: masks sampled (evenly spaced) to measure the structure widths
+SPACING_TOL = 0.01  #: 3D: spacings within 1 % per axis count as one spacing (no resampling)
+ANISOTROPY = 3.0  #: nnU-Net's anisotropy threshold (low-resolution axis spacing vs the others')
+FOREGROUND_LINE = ("  foreground_ratio: 0.33   # nnU-Net's rule: a third of the training patches centred on a "
+                   "foreground {what} (a class drawn at random), the rest uniform")
 
 
 # ----------------------------------------------------------------------------------------------------- problems
@@ -160,13 +167,45 @@ def discover(data_dir: str | Path, images: str | None = None, masks: str | None 
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
+    dj = _load_dataset_json(root)
+    img_dir, msk_dir = _find_folders(root, images, masks)
+    files = [p for p in img_dir.iterdir() if not p.name.startswith(".")]
+    nifti = dj is not None or any(_suffix(p.name, NIFTI_SUFFIXES) for p in files) and \
+        sum(bool(_suffix(p.name, NIFTI_SUFFIXES)) for p in files) >= sum(bool(_suffix(p.name, IMAGE_SUFFIXES)) for p in files)
+    v2 = nifti and any(p.name.lower().endswith(("_0000.nii.gz", "_0000.nii")) for p in files)
+    imgs = _scan(img_dir, root, problems, strip="_0000" if v2 else "")
+    msks = _scan(msk_dir, root, problems)
+    layout = Layout("nifti" if nifti else "image2d", root, img_dir, msk_dir, [], dataset_json=dj, nnunet_v2=v2)
+    if v2:
+        imgs = _drop_extra_channels(img_dir, root, imgs, problems)
+    if dj is not None:
+        _read_dataset_json(layout, dj, imgs, msks, problems)
+    for stem in sorted(set(imgs) - set(msks)):
+        problems.error("image without mask", f"{_rel(imgs[stem], root)} has no mask {_rel(msk_dir, root)}/{stem}.*: add "
+                       "its mask (same stem) or move the image out of the folder")
+    for stem in sorted(set(msks) - set(imgs)):
+        problems.warn("mask without image", f"{_rel(msks[stem], root)} has no image in {_rel(img_dir, root)}: it is not used")
+    layout.pairs = [Pair(s, imgs[s], msks.get(s)) for s in sorted(imgs)]
+    if not layout.pairs:
+        raise DataError(f"{img_dir} holds no image files ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)})")
+    split = root / "split.csv"
+    if split.is_file():
+        layout.split_csv, layout.split_rows = split, _read_split(split)
+    return layout, problems
+
+
+def _load_dataset_json(root: Path) -> dict | None:
     dj_path = root / "dataset.json"
-    dj = None
-    if dj_path.is_file():
-        try:
-            dj = json.loads(dj_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{dj_path} is not valid JSON ({e}): fix it or remove it") from None
+    if not dj_path.is_file():
+        return None
+    try:
+        return json.loads(dj_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{dj_path} is not valid JSON ({e}): fix it or remove it") from None
+
+
+def _find_folders(root: Path, images: str | None, masks: str | None) -> tuple[Path, Path]:
+    """The image and mask folders: the given sub-paths, else ``images/ masks/`` or ``imagesTr/ labelsTr/``."""
     if images is None:
         for im, ms in (("images", "masks"), ("imagesTr", "labelsTr")):
             if (root / im).is_dir():
@@ -188,35 +227,18 @@ def discover(data_dir: str | Path, images: str | None = None, masks: str | None 
         raise DataError(f"image folder {img_dir} does not exist")
     if not msk_dir.is_dir():
         raise DataError(f"mask folder {msk_dir} does not exist: give it with --masks")
-    files = [p for p in img_dir.iterdir() if not p.name.startswith(".")]
-    nifti = dj is not None or any(_suffix(p.name, NIFTI_SUFFIXES) for p in files) and \
-        sum(bool(_suffix(p.name, NIFTI_SUFFIXES)) for p in files) >= sum(bool(_suffix(p.name, IMAGE_SUFFIXES)) for p in files)
-    v2 = nifti and any(p.name.lower().endswith(("_0000.nii.gz", "_0000.nii")) for p in files)
-    imgs = _scan(img_dir, root, problems, strip="_0000" if v2 else "")
-    msks = _scan(msk_dir, root, problems)
-    layout = Layout("nifti" if nifti else "image2d", root, img_dir, msk_dir, [], dataset_json=dj, nnunet_v2=v2)
-    if v2:
-        extra = [p for p in img_dir.iterdir() if p.name.lower().endswith((".nii.gz", ".nii"))
-                 and "_" in p.name and p.name.split("_")[-1].split(".")[0].isdigit()
-                 and not p.name.lower().endswith(("_0000.nii.gz", "_0000.nii"))]
-        for p in sorted(extra):
-            problems.error("extra channel", f"{_rel(p, root)} is a second input channel (nnU-Net _000k): nifti_folder "
-                           "reads one channel per case; remove the extra channels or merge them")
-        imgs = {s: p for s, p in imgs.items() if p not in extra}
-    if dj is not None:
-        _read_dataset_json(layout, dj, imgs, msks, problems)
-    for stem in sorted(set(imgs) - set(msks)):
-        problems.error("image without mask", f"{_rel(imgs[stem], root)} has no mask {_rel(msk_dir, root)}/{stem}.*: add "
-                       "its mask (same stem) or move the image out of the folder")
-    for stem in sorted(set(msks) - set(imgs)):
-        problems.warn("mask without image", f"{_rel(msks[stem], root)} has no image in {_rel(img_dir, root)}: it is not used")
-    layout.pairs = [Pair(s, imgs[s], msks.get(s)) for s in sorted(imgs)]
-    if not layout.pairs:
-        raise DataError(f"{img_dir} holds no image files ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)})")
-    split = root / "split.csv"
-    if split.is_file():
-        layout.split_csv, layout.split_rows = split, _read_split(split)
-    return layout, problems
+    return img_dir, msk_dir
+
+
+def _drop_extra_channels(img_dir: Path, root: Path, imgs: dict[str, Path], problems: Problems) -> dict[str, Path]:
+    """nnU-Net v2: ``<case>_000k`` files for k > 0 are further input channels, reported and left out."""
+    extra = [p for p in img_dir.iterdir() if p.name.lower().endswith((".nii.gz", ".nii"))
+             and "_" in p.name and p.name.split("_")[-1].split(".")[0].isdigit()
+             and not p.name.lower().endswith(("_0000.nii.gz", "_0000.nii"))]
+    for p in sorted(extra):
+        problems.error("extra channel", f"{_rel(p, root)} is a second input channel (nnU-Net _000k): nifti_folder "
+                       "reads one channel per case; remove the extra channels or merge them")
+    return {s: p for s, p in imgs.items() if p not in extra}
 
 
 def _read_dataset_json(layout: Layout, dj: dict, imgs: dict[str, Path], msks: dict[str, Path], problems: Problems):
@@ -277,6 +299,8 @@ class CaseInfo:
     size: tuple[int, ...]  # spatial size (H, W) or (X, Y, Z)
     spacing: tuple[float, ...] | None = None
     mode: str | None = None  # PIL mode (2D)
+    ras_size: tuple[int, ...] | None = None  # 3D: size and spacing in the RAS axis order the run reorients to
+    ras_spacing: tuple[float, ...] | None = None
     mask: np.ndarray | None = None  # read label map (dropped after the statistics)
 
 
@@ -392,7 +416,9 @@ def _check_nifti(layout: Layout, problems: Problems) -> tuple[list[CaseInfo], di
         dtypes[str(img.get_data_dtype())] = dtypes.get(str(img.get_data_dtype()), 0) + 1
         if img.get_data_dtype().kind == "f":  # integer voxels cannot be NaN: only float volumes are read here
             _check_finite(np.asanyarray(img.dataobj), pair.image, root, problems)
-        info = CaseInfo(pair.stem, shape, spacing=zooms[:3])
+        perm = np.argsort(nib.orientations.io_orientation(img.affine)[:, 0])  # RAS axis j <- stored axis perm[j]
+        info = CaseInfo(pair.stem, shape, spacing=zooms[:3], ras_size=tuple(shape[i] for i in perm),
+                        ras_spacing=tuple(zooms[i] for i in perm))
         if pair.mask is not None:
             try:
                 lab = nib.load(str(pair.mask))
@@ -487,6 +513,7 @@ def fingerprint(layout: Layout, infos: list[CaseInfo], values: list[int], meta: 
     fp["size"] = _axis_stats([i.size for i in infos]) if infos else None
     if layout.kind == "nifti" and infos:
         fp["spacing"] = _axis_stats([i.spacing for i in infos])
+        fp["grid"] = {"shape": [list(i.ras_size) for i in infos], "spacing": [list(i.ras_spacing) for i in infos]}
     counts = np.zeros(len(values), np.int64)
     comp: dict[int, dict[str, list]] = {v: {"n": [], "outside": [], "extent": [], "rel": []}
                                         for v in values[1:]}
@@ -504,20 +531,54 @@ def fingerprint(layout: Layout, infos: list[CaseInfo], values: list[int], meta: 
     total = max(int(counts.sum()), 1)
     fp["class_share"] = {names[i]: float(counts[i] / total) for i in range(len(values))}
     fp["empty_masks"] = sum(1 for i in labelled if not (i.mask > 0).any())
-    fp["components"] = {}
+    fp["components"] = _component_stats(comp, values, names)
+    if layout.kind != "nifti":
+        fp["width_sampled"] = _add_widths(fp["components"], labelled, values, names)
+    fp["intensity"] = _intensity(layout, labelled, sample_cases, sample_pixels)
+    return fp
+
+
+def _component_stats(comp: dict[int, dict[str, list]], values: list[int], names: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
     for v in values[1:]:
         c = comp[v]
         if not c["n"]:
-            fp["components"][names[v]] = {"masks": 0}
+            out[names[v]] = {"masks": 0}
             continue
-        fp["components"][names[v]] = {
+        out[names[v]] = {
             "masks": len(c["n"]), "median": float(np.median(c["n"])), "max": int(np.max(c["n"])),
             "share_multi": float(np.mean(np.asarray(c["n"]) > 1)),
             "outside_largest": float(np.mean(c["outside"])),
             "extent_median": np.median(np.asarray(c["extent"]), 0).tolist(),
             "extent_fraction": np.median(np.asarray(c["rel"]), 0).tolist()}
-    fp["intensity"] = _intensity(layout, labelled, sample_cases, sample_pixels)
-    return fp
+    return out
+
+
+def structure_width(mask: np.ndarray, value: int) -> float | None:
+    """The width (px) of class ``value``'s structures in one 2D mask: per 8-connected component, 2 × its largest
+    Euclidean distance to background (the width of its thickest part); the median over the components."""
+    from scipy import ndimage
+
+    fg = np.pad(mask == value, 1)  # the image border counts as background
+    if not fg.any():
+        return None
+    comp, n = ndimage.label(fg, ndimage.generate_binary_structure(2, 2))
+    peaks = ndimage.maximum(ndimage.distance_transform_edt(fg), comp, np.arange(1, n + 1))
+    return float(np.median(2 * np.asarray(peaks, dtype=np.float64)))
+
+
+def _add_widths(components: dict[str, dict], labelled: list[CaseInfo], values: list[int], names: list[str],
+                sample: int = WIDTH_SAMPLE) -> int:
+    """Each class's median structure width over at most ``sample`` evenly spaced labelled masks, as
+    ``width_median``; returns the number of masks sampled."""
+    if not labelled:
+        return 0
+    pick = [labelled[int(i)] for i in np.unique(np.linspace(0, len(labelled) - 1, min(sample, len(labelled))).round())]
+    for v in values[1:]:
+        widths = [w for w in (structure_width(i.mask, v) for i in pick) if w is not None]
+        if widths and components[names[v]].get("masks"):
+            components[names[v]]["width_median"] = float(np.median(widths))
+    return len(pick)
 
 
 def _intensity(layout: Layout, labelled: list[CaseInfo], sample_cases: int, sample_pixels: int) -> dict | None:
@@ -579,7 +640,9 @@ def format_fingerprint(fp: dict) -> str:
         out.append(f"  {name}: in {c['masks']} masks; connected components (8-/26-connected) per mask median {num(c['median'])}, max "
                    f"{c['max']} ({100 * c['share_multi']:.0f} % of masks > 1); {100 * c['outside_largest']:.1f} % of its pixels outside the largest "
                    f"component; median extent {'×'.join(num(v) for v in c['extent_median'])} px = "
-                   f"{'×'.join(f'{100 * v:.0f}%' for v in c['extent_fraction'])} of the image")
+                   f"{'×'.join(f'{100 * v:.0f}%' for v in c['extent_fraction'])} of the image"
+                   + (f"; structure width {num(c['width_median'])} px (2 × largest distance to background, median "
+                      f"over {fp.get('width_sampled')} sampled masks)" if "width_median" in c else ""))
     return "\n".join(out)
 
 
@@ -603,9 +666,11 @@ def _round16(x: float, down: bool = True) -> int:
     return max(16, int(math.floor(x / 16) if down else round(x / 16)) * 16)
 
 
-def _lcc_decision(fp: dict) -> tuple[bool, str]:
+def lcc_decision(fp: dict) -> tuple[bool, str]:
     """Largest-component cleaning on iff every class has one component in the median labelled mask and the
-    largest component holds ≥ 95 % of its pixels; the reason states the measured numbers."""
+    largest component holds ≥ 95 % of its pixels; the reason states the measured numbers. It decides every
+    keep-the-largest-component step: BCP's ``largest_component`` and UPL-SFDA's pseudo-label cleaning (its
+    ``largest_component``), which assume one structure per class alike."""
     comps = {k: c for k, c in fp["components"].items() if c.get("masks")}
     if not comps:
         return True, "no labelled foreground to measure: the strategy's default (on)"
@@ -750,17 +815,56 @@ def _link_nnunet(layout: Layout, out_dir: Path, name: str) -> Path:
     return link
 
 
-def _render(layout: Layout, fp: dict, out: Path, name: str, strategy: str, labeled: int | None,
-            budget_flag: str | None, memory: tuple[str, int]) -> tuple[str, Path | None, tuple[bool, str] | None]:
-    device, mem = memory
-    three_d = layout.kind == "nifti"
-    split_notes: list[str] = []
-    split_csv, split, rows = _split_for(layout, out.parent, name, split_notes)
-    train = [s for s, v in split.items() if v == "train"]
-    has_val = "val" in set(split.values())
-    semi = strategy in ("mean_teacher", "bcp")
+@dataclass
+class Budget:
+    text: str  # the YAML value after ``budget:`` (a flow mapping, or "\n    ids: ..." block)
+    labelled: int
+    why: str
 
-    # label budget
+
+@dataclass
+class Size:
+    """The data-section lines of the training size (with their comments) and the pixels (voxels) of one sample."""
+    lines: list[str]
+    pixels: int
+    native_2d: bool = False  # 2D patches at native resolution (sliding-window evaluation)
+
+
+@dataclass
+class Geometry:
+    """3D: the data-section lines of orientation, spacing and normalisation, and the target spacing (None: native)."""
+    lines: list[str]
+    spacing: list[float] | None
+    normalize: str | None
+
+
+@dataclass
+class Derived:
+    """Every derived setting of a recipe, each with the measured numbers its comment states."""
+    three_d: bool
+    strategy: str
+    semi: bool
+    has_val: bool
+    split_csv: Path | str
+    split_notes: list[str]
+    budget: Budget
+    size: Size
+    geometry: Geometry | None
+    batch: int
+    batch_why: str
+    steps: int
+    val_every: int
+    steps_why: str
+    norm_why: str
+    data_root: Path
+    options: dict[str, Any]
+    lcc: tuple[bool, str] | None
+
+
+def _budget(layout: Layout, train: list[str], rows: dict[str, dict[str, str]], strategy: str, labeled: int | None,
+            budget_flag: str | None) -> Budget:
+    """The label budget: --budget-flag ids, --labeled count, else 10 % (semi-supervised) or all train cases."""
+    semi = strategy in ("mean_teacher", "bcp")
     if budget_flag is not None:
         names = {k for r in rows.values() for k in r} - {"stem", "case", "split"}
         cols = sorted(k for k in names if all(r.get(k, "") in ("0", "1", "") for r in rows.values()))
@@ -770,104 +874,210 @@ def _render(layout: Layout, fp: dict, out: Path, name: str, strategy: str, label
         ids = sorted(s for s in train if rows.get(s, {}).get(budget_flag) == "1")
         if not ids:
             raise DataError(f"--budget-flag {budget_flag}: no train case has {budget_flag} = 1")
-        budget = "\n    ids:\n" + "\n".join(f"      - {_y(i)}" for i in ids)
-        why = (f"--budget-flag {budget_flag}: the {len(ids)} train cases with {budget_flag} = 1 in the split CSV, as ids "
-               "(image_folder / nifti_folder read no flag columns)")
-        n_lab = len(ids)
+        b = Budget("\n    ids:\n" + "\n".join(f"      - {_y(i)}" for i in ids), len(ids),
+                   f"--budget-flag {budget_flag}: the {len(ids)} train cases with {budget_flag} = 1 in the split CSV, "
+                   "as ids (image_folder / nifti_folder read no flag columns)")
     elif labeled is not None:
         if labeled > len(train):
             raise DataError(f"--labeled {labeled} exceeds the {len(train)} train cases")
-        budget, n_lab = f"{{count: {labeled}}}", labeled
-        why = f"--labeled {labeled}: {labeled} train cases picked at random (data.budget.seed 0)"
+        b = Budget(f"{{count: {labeled}}}", labeled,
+                   f"--labeled {labeled}: {labeled} train cases picked at random (data.budget.seed 0)")
     elif semi:
         n_lab = max(1, round(0.1 * len(train)))
-        budget, why = f"{{count: {n_lab}}}", (f"no --labeled given: 10 % of the {len(train)} train cases (the SSL4MIS/BCP "
-                                              "10 % setting); the rest is the unlabelled pool")
+        b = Budget(f"{{count: {n_lab}}}", n_lab, f"no --labeled given: 10 % of the {len(train)} train cases (the "
+                   "SSL4MIS/BCP 10 % setting); the rest is the unlabelled pool")
     else:
-        budget, n_lab, why = "{all: true}", len(train), f"no --labeled given: all {len(train)} train cases labelled"
-    if semi and n_lab >= len(train):
+        b = Budget("{all: true}", len(train), f"no --labeled given: all {len(train)} train cases labelled")
+    if semi and b.labelled >= len(train):
         raise DataError(f"--strategy {strategy} needs unlabelled train cases, but the budget labels all {len(train)}: "
                         "lower --labeled")
-    if "patient" in next(iter(rows.values()), {}) and not three_d:
-        why += ("; NOTE: the split CSV has a 'patient' column but image_folder groups by file, so budgets count "
-                "files, not patients, and evaluation is per image")
+    if "patient" in next(iter(rows.values()), {}) and layout.kind != "nifti":
+        b.why += ("; NOTE: the split CSV has a 'patient' column but image_folder groups by file, so budgets count "
+                  "files, not patients, and evaluation is per image")
+    return b
 
-    # size, batch
-    streams = 2 if semi else 1
-    if three_d:
-        med = fp["size"]["median"]
-        patch = [_round16(m) for m in med]
-        mem_cap = MEMORY_SHARE * mem / (ACT_BYTES * WIDTH_3D * 2 * streams)
-        cap = int(min(VOXEL_CAP[device], mem_cap))
-        while math.prod(patch) > cap and max(patch) > 16:
-            i = int(np.argmax(patch))
-            patch[i] -= 16
-        per = ACT_BYTES * WIDTH_3D * math.prod(patch) * streams
-        batch = int(max(2, min(BATCH_CAP_3D[device], MEMORY_SHARE * mem // per)) // 2 * 2)
-        size_line = f"  patch_size: {_y(patch)}"
-        size_why = (f"median shape {'×'.join(f'{m:g}' for m in med)} rounded down to multiples of 16, then the longest "
-                    f"axis cut by 16 until ≤ {cap:,} voxels = min({device} cap {VOXEL_CAP[device]:,}"
-                    f"{' (BCP LA 112×112×80)' if device == 'cpu' else ''}, {MEMORY_SHARE:g} × {mem / 2**30:.1f} GiB / "
-                    f"({ACT_BYTES} B × {WIDTH_3D} channels × batch 2 × {streams} stream(s)))")
-        pixels = math.prod(patch)
-    else:
-        h, w = fp["size"]["median"]
-        short, aspect_long = min(h, w), max(h, w) / max(min(h, w), 1)
-        mem_px = MEMORY_SHARE * mem / (ACT_BYTES * WIDTH_2D * 8 * streams)
-        s = _round16(min(short, SHORT_SIDE_CAP[device]))
-        while s > 32 and s * _round16(s * aspect_long, down=False) > mem_px:
-            s -= 16
-        s = max(s, 32)
-        long = max(s, _round16(s * aspect_long, down=False))
-        size = [s, long] if h <= w else [long, s]
-        size_line = f"  image_size: {_y(size)}"
-        size_why = (f"median H×W {h:g}×{w:g}; aspect kept: short side = min(median short side {short:g}, {device} cap "
-                    f"{SHORT_SIDE_CAP[device]}, memory: {MEMORY_SHARE:g} × {mem / 2**30:.1f} GiB / ({ACT_BYTES} B × "
-                    f"{WIDTH_2D} channels × batch 8 × {streams} stream(s)) = {mem_px:,.0f} px) rounded down to 16, long "
-                    "side scaled and rounded to 16")
-        pixels = size[0] * size[1]
-        per = ACT_BYTES * WIDTH_2D * pixels * streams
-        batch = int(max(2, min(BATCH_CAP_2D[device], MEMORY_SHARE * mem // per)) // 2 * 2)
-    batch_why = (f"batch rule: floor({MEMORY_SHARE:g} × {mem / 2**30:.1f} GiB ({'GPU' if device == 'cuda' else 'MemAvailable'}) "
-                 f"/ ({ACT_BYTES} B × {WIDTH_3D if three_d else WIDTH_2D} channels × {pixels:,} px × {streams} "
-                 f"stream(s))), capped at {(BATCH_CAP_3D if three_d else BATCH_CAP_2D)[device]} on {device}, even, ≥ 2")
 
-    # steps
+def _memory_text(mem: int, width: int, batch: int | str, streams: int) -> str:
+    return f"{MEMORY_SHARE:g} × {mem / 2**30:.1f} GiB / ({ACT_BYTES} B × {width} channels × batch {batch} × " \
+           f"{streams} stream(s))"
+
+
+def _size_3d(fp: dict, target: list[float] | None, device: str, mem: int, streams: int) -> Size:
+    """3D patch: the median shape (on the target grid) rounded down to 16, the longest axis cut until it fits."""
+    med = _resampled_median_shape(fp, target) if target is not None else fp["size"]["median"]
+    patch = [_round16(m) for m in med]
+    cap = int(min(VOXEL_CAP[device], MEMORY_SHARE * mem / (ACT_BYTES * WIDTH_3D * 2 * streams)))
+    while math.prod(patch) > cap and max(patch) > 16:
+        patch[int(np.argmax(patch))] -= 16
+    grid = (f" on the {'×'.join(f'{t:g}' for t in target)} mm grid (each volume's shape × its spacing / the target "
+            "spacing)") if target is not None else ""
+    why = (f"median shape {'×'.join(f'{m:g}' for m in med)}{grid} rounded down to multiples of 16, then the longest "
+           f"axis cut by 16 until ≤ {cap:,} voxels = min({device} cap {VOXEL_CAP[device]:,}"
+           f"{' (BCP LA 112×112×80)' if device == 'cpu' else ''}, {_memory_text(mem, WIDTH_3D, 2, streams)})")
+    return Size([f"  # {why}", f"  patch_size: {_y(patch)}", FOREGROUND_LINE.format(what="voxel")], math.prod(patch))
+
+
+def _resampled_median_shape(fp: dict, target: Sequence[float]) -> list[float]:
+    """Median over the volumes of ``round(n · s / t)`` per axis (the grid CaseStore resamples to)."""
+    shapes, spacings = np.asarray(fp["grid"]["shape"], float), np.asarray(fp["grid"]["spacing"], float)
+    return np.median(np.maximum(1, np.round(shapes * spacings / np.asarray(target, float))), 0).tolist()
+
+
+def _short_side_2d(fp: dict, device: str, mem: int, streams: int) -> tuple[int, float, str]:
+    """Today's resize rule: (short side, aspect, reason); the short side is capped by the device and memory."""
+    h, w = fp["size"]["median"]
+    short, aspect_long = min(h, w), max(h, w) / max(min(h, w), 1)
+    mem_px = MEMORY_SHARE * mem / (ACT_BYTES * WIDTH_2D * 8 * streams)
+    s = _round16(min(short, SHORT_SIDE_CAP[device]))
+    while s > 32 and s * _round16(s * aspect_long, down=False) > mem_px:
+        s -= 16
+    why = (f"median H×W {h:g}×{w:g}; aspect kept: short side = min(median short side {short:g}, {device} cap "
+           f"{SHORT_SIDE_CAP[device]}, memory: {_memory_text(mem, WIDTH_2D, 8, streams)} = {mem_px:,.0f} px) rounded "
+           "down to 16, long side scaled and rounded to 16")
+    return max(s, 32), aspect_long, why
+
+
+def _size_2d(fp: dict, device: str, mem: int, streams: int) -> Size:
+    """2D: resize to the short-side rule, or native-resolution patches when resizing would erase thin structures."""
+    h, w = fp["size"]["median"]
+    s, aspect_long, why = _short_side_2d(fp, device, mem, streams)
+    factor = min(h, w) / s
+    widths = {k: c["width_median"] for k, c in fp["components"].items() if c.get("width_median") is not None}
+    thin = {k: v for k, v in widths.items() if factor > 1 and v / factor < THIN_PX}
+    width_text = (f"structure widths (2 × the largest distance to background per connected component, median over "
+                  f"{fp.get('width_sampled', 0)} sampled masks): "
+                  + ", ".join(f"{k} {v:.3g} px" for k, v in widths.items()))
+    if thin:
+        width_text += f"; resizing the median short side {min(h, w):g} to {s} divides them by {factor:.3g}"
+        return _native_patch_2d(fp, device, mem, streams, width_text, thin, factor)
+    long = max(s, _round16(s * aspect_long, down=False))
+    size = [s, long] if h <= w else [long, s]
+    lines = [f"  # {why}", f"  image_size: {_y(size)}"]
+    if widths and factor > 1:
+        lines.insert(0, f"  # {width_text}; resizing the median short side {min(h, w):g} to {s} divides them by "
+                     f"{factor:.3g}: every class stays ≥ {THIN_PX:g} px wide (below that: native-resolution patches), "
+                     "so resized")
+    elif widths:
+        lines.insert(0, f"  # {width_text}; the median short side {min(h, w):g} is not downscaled, so resized")
+    return Size(lines, size[0] * size[1])
+
+
+def _native_patch_2d(fp: dict, device: str, mem: int, streams: int, width_text: str, thin: dict[str, float],
+                     factor: float) -> Size:
+    """Square patches cut at each image's own size: side = min(median short side, device cap, memory rule)."""
+    h, w = fp["size"]["median"]
+    mem_px = MEMORY_SHARE * mem / (ACT_BYTES * WIDTH_2D * 8 * streams)
+    p = max(16, _round16(min(min(h, w), SHORT_SIDE_CAP[device], math.sqrt(mem_px))))
+    why = (f"{width_text}: " + ", ".join(f"{k} would be {v / factor:.2g} px" for k, v in thin.items())
+           + f" (< {THIN_PX:g} px), so native resolution: no image_size, random patches of each image at its own size, "
+           "evaluation and predict by a sliding window over the whole image")
+    side = (f"patch side = min(median short side {min(h, w):g}, {device} cap {SHORT_SIDE_CAP[device]}, memory: "
+            f"√({_memory_text(mem, WIDTH_2D, 8, streams)}) = {math.sqrt(mem_px):,.0f} px) rounded down to 16")
+    return Size([f"  # {why}", f"  # {side}", f"  patch_size: {_y([p, p])}", FOREGROUND_LINE.format(what="pixel")],
+                p * p, native_2d=True)
+
+
+def _batch(three_d: bool, device: str, mem: int, pixels: int, streams: int) -> tuple[int, str]:
+    """Batch: what a quarter of the memory holds, capped per device, even (BCP halves it), ≥ 2."""
+    width, caps = (WIDTH_3D, BATCH_CAP_3D) if three_d else (WIDTH_2D, BATCH_CAP_2D)
+    per = ACT_BYTES * width * pixels * streams
+    batch = int(max(2, min(caps[device], MEMORY_SHARE * mem // per)) // 2 * 2)
+    why = (f"batch rule: floor({MEMORY_SHARE:g} × {mem / 2**30:.1f} GiB ({'GPU' if device == 'cuda' else 'MemAvailable'}) "
+           f"/ ({ACT_BYTES} B × {width} channels × {pixels:,} px × {streams} stream(s))), capped at {caps[device]} on "
+           f"{device}, even, ≥ 2")
+    return batch, why
+
+
+def _steps(n_lab: int, batch: int) -> tuple[int, int, str]:
+    """(steps, val_every, reason): 250 passes over the labelled cases, rounded to 100, clamped to [1000, 5000]."""
     steps = int(min(5000, max(1000, round(250 * n_lab / batch, -2))))
-    steps_why = (f"steps = 250 passes over the {n_lab} labelled case(s) at batch {batch} (250·{n_lab}/{batch}), "
-                 "rounded to 100 and clamped to [1000, 5000]")
-    val_every = max(50, int(round(steps / 10 / 50)) * 50)
+    why = (f"steps = 250 passes over the {n_lab} labelled case(s) at batch {batch} (250·{n_lab}/{batch}), "
+           "rounded to 100 and clamped to [1000, 5000]")
+    return steps, max(50, int(round(steps / 10 / 50)) * 50), why
 
-    # normalisation
+
+def _is_ct(layout: Layout, fp: dict) -> tuple[bool, str]:
+    """CT when dataset.json says so or the lowest value is below -500 (Hounsfield units); the reason."""
     it = fp.get("intensity") or {}
-    ct = (layout.modality or "").upper() == "CT" or it.get("image_min", 0) < -500
-    if three_d:
-        intensity = "zscore"
-        if ct:
-            norm_why = (f"CT ({'dataset.json modality CT' if (layout.modality or '').upper() == 'CT' else 'intensities in HU: lowest value ' + format(it.get('image_min'), 'g') + ' < -500'}): "
-                        f"nnU-Net's rule clips to the foreground percentiles [p0.5, p99.5] = [{it.get('p0.5', float('nan')):g}, "
-                        f"{it.get('p99.5', float('nan')):g}] and z-scores with the foreground mean/std ({it.get('mean', float('nan')):.4g} / "
-                        f"{it.get('std', float('nan')):.4g}); NOT YET SUPPORTED by nifti_folder (needs a clipping option), so per-volume z-score")
-        else:
-            norm_why = f"{layout.modality or 'MR / non-CT'}: per-volume z-score (nifti_folder intensity: zscore)"
-    else:
-        intensity = None
-        if fp.get("bit_depth", 8) == 8:
-            norm_why = f"{fp.get('bit_depth', 8)}-bit {'RGB' if fp['in_channels'] == 3 else 'grey'}: image_folder scales by 1/255"
-        else:
-            norm_why = (f"{fp['bit_depth']}-bit images: image_folder keeps them raw (foreground p0.5–p99.5 "
-                        f"{it.get('p0.5', 0):g}–{it.get('p99.5', 0):g}); a per-image z-score is NOT YET an image_folder "
-                        "option: lower the optimizer lr or convert to 8-bit")
+    if (layout.modality or "").upper() == "CT":
+        return True, "dataset.json modality CT"
+    if it.get("image_min", 0) < -500:
+        return True, f"intensities in HU: lowest value {it.get('image_min'):g} < -500"
+    return False, ""
 
-    # dataset
-    data_root = _link_nnunet(layout, out.parent, name) if layout.nnunet_v2 else layout.root
-    options = {"num_classes": fp["num_classes"]}
-    if three_d:
+
+def _normalisation_2d(fp: dict) -> str:
+    it = fp.get("intensity") or {}
+    if fp.get("bit_depth", 8) == 8:
+        return f"{fp.get('bit_depth', 8)}-bit {'RGB' if fp['in_channels'] == 3 else 'grey'}: image_folder scales by 1/255"
+    return (f"{fp['bit_depth']}-bit images: image_folder keeps them raw (foreground p0.5–p99.5 "
+            f"{it.get('p0.5', 0):g}–{it.get('p99.5', 0):g}); a per-image z-score is NOT YET an image_folder "
+            "option: lower the optimizer lr or convert to 8-bit")
+
+
+def _normalisation_3d(layout: Layout, fp: dict) -> tuple[str | None, str]:
+    """(data.normalize, reason): nnU-Net's CT scheme for CT, else None (nifti_folder's per-volume z-score)."""
+    it = fp.get("intensity") or {}
+    ct, source = _is_ct(layout, fp)
+    if not ct:
+        return None, f"{layout.modality or 'MR / non-CT'}: per-volume z-score (nifti_folder intensity: zscore)"
+    nan = float("nan")
+    return "ct", (f"CT ({source}): nnU-Net's CT scheme: clip to the labelled training foreground's [p0.5, p99.5] and "
+                  "z-score with its mean/std, computed by the run on the labelled train cases (here, raw, "
+                  f"{it.get('sampled_cases', 0)} cases sampled: [{it.get('p0.5', nan):g}, {it.get('p99.5', nan):g}], "
+                  f"{it.get('mean', nan):.4g} / {it.get('std', nan):.4g}); it replaces nifti_folder's intensity option")
+
+
+def _spread(a: np.ndarray) -> np.ndarray:
+    return a.max(0) / np.maximum(a.min(0), 1e-12) - 1
+
+
+def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> tuple[list[float] | None, str]:
+    """(data.spacing, reason): None when every volume has the same spacing (within ``SPACING_TOL`` per axis), else
+    the median spacing; for anisotropic data nnU-Net's rule sets the low-resolution axis to its 10th percentile."""
+    sp, sh = np.asarray(spacings, float), np.asarray(shapes, float)
+    med, med_shape = np.median(sp, 0), np.median(sh, 0)
+    fmt = "×".join(f"{v:.4g}" for v in med)
+    if (_spread(sp) <= SPACING_TOL).all():
+        return None, (f"every volume has spacing {fmt} mm (within {100 * SPACING_TOL:g} % per axis): no resampling, "
+                      "each volume keeps its own grid")
+    target = med.copy()
+    worst = int(np.argmax(med))
+    others = [i for i in range(len(med)) if i != worst]
+    why = (f"spacings differ across volumes (up to {100 * _spread(sp).max():.0f} % on an axis, beyond "
+           f"{100 * SPACING_TOL:g} %): every volume resampled once to the median spacing {fmt} mm")
+    if med[worst] > ANISOTROPY * max(med[others]) and med_shape[worst] * ANISOTROPY < min(med_shape[others]):
+        p10 = float(np.percentile(sp[:, worst], 10))
+        target[worst] = max(p10, max(med[others]))
+        why += (f"; anisotropic (axis {worst} spacing {med[worst]:.4g} > {ANISOTROPY:g} × {max(med[others]):.4g} mm "
+                f"and its {med_shape[worst]:g} voxels × {ANISOTROPY:g} < {min(med_shape[others]):g}): nnU-Net's "
+                f"rule sets that axis to the 10th percentile of its spacings, {target[worst]:.4g} mm")
+    return [round(float(t), 4) for t in target], why
+
+
+def _geometry_3d(layout: Layout, fp: dict) -> tuple[Geometry, str]:
+    """3D orientation, spacing and normalisation lines; the normalisation's reason."""
+    spacing, sp_why = target_spacing(fp["grid"]["spacing"], fp["grid"]["shape"])
+    normalize, norm_why = _normalisation_3d(layout, fp)
+    lines = ["  orientation: RAS   # every volume reoriented to RAS once (a no-op for volumes stored so)",
+             f"  # spacing: {sp_why}"]
+    if spacing is not None:
+        lines.append(f"  spacing: {_y(spacing)}")
+    if normalize is not None:
+        lines.append(f"  normalize: {normalize}   # {norm_why}")
+    return Geometry(lines, spacing, normalize), norm_why
+
+
+def _dataset_options(layout: Layout, fp: dict, split_csv: Path | str, geometry: Geometry | None) -> dict[str, Any]:
+    """``data.options`` of image_folder / nifti_folder: sub-folders, split CSV, class names, intensity."""
+    options: dict[str, Any] = {"num_classes": fp["num_classes"]}
+    if layout.kind == "nifti":
         if layout.images.name != "imagesTr" or layout.nnunet_v2:
             options["images"] = "imagesTr" if layout.nnunet_v2 else _rel(layout.images, layout.root)
         if layout.masks.name != "labelsTr" or layout.nnunet_v2:
             options["labels"] = "labelsTr" if layout.nnunet_v2 else _rel(layout.masks, layout.root)
-        options["intensity"] = intensity
+        if geometry is None or geometry.normalize is None:  # data.normalize overrides the dataset's intensity
+            options["intensity"] = "zscore"
     else:
         options["in_channels"] = fp["in_channels"]
         if _rel(layout.images, layout.root) != "images":
@@ -877,100 +1087,149 @@ def _render(layout: Layout, fp: dict, out: Path, name: str, strategy: str, label
     options["split_csv"] = str(split_csv)
     if layout.declared:
         options["class_names"] = fp["class_names"]
-    lcc = _lcc_decision(fp) if strategy == "bcp" else None
+    return options
 
-    L: list[str] = []
-    a = L.append
-    a(f"# Written by `label-efficient plan {layout.root}` — check the derived values before a long run.")
-    a(f"# Data: {fp['cases']} cases ({fp['labelled']} labelled), {'3D NIfTI' if three_d else '2D images'}, "
-      f"{fp['num_classes']} classes {fp['class_names']}; class pixel shares "
-      + ", ".join(f"{k} {100 * v:.2f} %" for k, v in fp["class_share"].items()) + ".")
+
+def _derive(layout: Layout, fp: dict, out: Path, name: str, strategy: str, labeled: int | None,
+            budget_flag: str | None, memory: tuple[str, int]) -> Derived:
+    device, mem = memory
+    three_d = layout.kind == "nifti"
+    split_notes: list[str] = []
+    split_csv, split, rows = _split_for(layout, out.parent, name, split_notes)
+    train = [s for s, v in split.items() if v == "train"]
+    semi = strategy in ("mean_teacher", "bcp")
+    streams = 2 if semi else 1
+    budget = _budget(layout, train, rows, strategy, labeled, budget_flag)
+    if three_d:
+        geometry, norm_why = _geometry_3d(layout, fp)
+        size = _size_3d(fp, geometry.spacing, device, mem, streams)
+    else:
+        geometry, norm_why = None, _normalisation_2d(fp)
+        size = _size_2d(fp, device, mem, streams)
+    batch, batch_why = _batch(three_d, device, mem, size.pixels, streams)
+    steps, val_every, steps_why = _steps(budget.labelled, batch)
+    data_root = _link_nnunet(layout, out.parent, name) if layout.nnunet_v2 else layout.root
+    return Derived(three_d, strategy, semi, "val" in set(split.values()), split_csv, split_notes, budget, size,
+                   geometry, batch, batch_why, steps, val_every, steps_why, norm_why, data_root,
+                   _dataset_options(layout, fp, split_csv, geometry),
+                   lcc_decision(fp) if strategy == "bcp" else None)
+
+
+def _render(layout: Layout, fp: dict, out: Path, name: str, strategy: str, labeled: int | None,
+            budget_flag: str | None, memory: tuple[str, int]) -> tuple[str, Path | None, tuple[bool, str] | None]:
+    d = _derive(layout, fp, out, name, strategy, labeled, budget_flag, memory)
+    lines = (_write_header(layout, fp, name) + _write_data(layout, fp, d) + _write_backbone(d.three_d)
+             + _write_stages(d) + _write_trainer(d))
+    split_path = Path(d.split_csv) if Path(d.split_csv).parent == out.parent else None
+    return "\n".join(_wrap(lines)) + "\n", split_path, d.lcc
+
+
+def _write_header(layout: Layout, fp: dict, name: str) -> list[str]:
+    three_d = layout.kind == "nifti"
+    L = [f"# Written by `label-efficient plan {layout.root}` — check the derived values before a long run.",
+         f"# Data: {fp['cases']} cases ({fp['labelled']} labelled), {'3D NIfTI' if three_d else '2D images'}, "
+         f"{fp['num_classes']} classes {fp['class_names']}; class pixel shares "
+         + ", ".join(f"{k} {100 * v:.2f} %" for k, v in fp["class_share"].items()) + "."]
     for k, c in fp["components"].items():
         if c.get("masks"):
-            a(f"#   {k}: median {c['median']:g} / max {c['max']} connected components per mask, median extent "
-              f"{'×'.join(f'{100 * v:.0f}%' for v in c['extent_fraction'])} of the image")
-    a(f"name: {_y(name)}")
-    a("seed: 1337")
-    a("data:")
-    a(f"  dataset: {'nifti_folder' if three_d else 'image_folder'}")
+            L.append(f"#   {k}: median {c['median']:g} / max {c['max']} connected components per mask, median extent "
+                     f"{'×'.join(f'{100 * v:.0f}%' for v in c['extent_fraction'])} of the image")
+    return L + [f"name: {_y(name)}", "seed: 1337"]
+
+
+def _write_options(layout: Layout, fp: dict, d: Derived) -> list[str]:
+    o = d.options
+    L = ["  options:", f"    num_classes: {fp['num_classes']}   # label values {list(range(fp['num_classes']))}"
+         + (" declared in dataset.json" if layout.declared else " found in the masks")]
+    if "in_channels" in o:
+        L.append(f"    in_channels: {o['in_channels']}   # {'RGB' if o['in_channels'] == 3 else 'grey'} images")
+    L += [f"    {k}: {_y(o[k])}" for k in ("images", "masks", "labels") if k in o]
+    if "intensity" in o:
+        L.append(f"    intensity: {o['intensity']}   # {d.norm_why}")
+    L += [f"    # split: {note}" for note in d.split_notes]
+    L.append(f"    split_csv: {_y(o['split_csv'])}")
+    if "class_names" in o:
+        L.append(f"    class_names: {_y(o['class_names'])}")
+    return L
+
+
+def _write_data(layout: Layout, fp: dict, d: Derived) -> list[str]:
+    L = ["data:", f"  dataset: {'nifti_folder' if d.three_d else 'image_folder'}"]
     if layout.nnunet_v2:
-        a(f"  # nnU-Net v2 names images <case>_0000.nii.gz; nifti_folder matches labels by stem, so the cases are linked")
-        a(f"  # as <case>.nii.gz in {data_root} (next to the recipe; the data folder is untouched)")
-    a(f"  root: {_y(str(data_root))}")
-    a("  options:")
-    a(f"    num_classes: {fp['num_classes']}   # label values {list(range(fp['num_classes']))}"
-      + (" declared in dataset.json" if layout.declared else " found in the masks"))
-    if "in_channels" in options:
-        a(f"    in_channels: {options['in_channels']}   # {'RGB' if options['in_channels'] == 3 else 'grey'} images")
-    for k in ("images", "masks", "labels"):
-        if k in options:
-            a(f"    {k}: {_y(options[k])}")
-    if "intensity" in options:
-        a(f"    intensity: {options['intensity']}   # {norm_why}")
-    for note in split_notes:
-        a(f"    # split: {note}")
-    a(f"    split_csv: {_y(options['split_csv'])}")
-    if "class_names" in options:
-        a(f"    class_names: {_y(options['class_names'])}")
-    if not three_d:
-        a(f"  # intensity: {norm_why}")
-    a(f"  # {size_why}")
-    a(size_line)
-    a(f"  # {why}")
-    a(f"  budget:{budget}" if budget.startswith("\n") else f"  budget: {budget}")
-    if not has_val:
-        a("  val_split: null   # the split has no val cases: each stage keeps its last checkpoint")
-    a("backbone:")
+        L += ["  # nnU-Net v2 names images <case>_0000.nii.gz; nifti_folder matches labels by stem, so the cases are "
+              "linked", f"  # as <case>.nii.gz in {d.data_root} (next to the recipe; the data folder is untouched)"]
+    L.append(f"  root: {_y(str(d.data_root))}")
+    L += _write_options(layout, fp, d)
+    if not d.three_d:
+        L.append(f"  # intensity: {d.norm_why}")
+    if d.geometry is not None:
+        L += d.geometry.lines
+    L += d.size.lines
+    b = d.budget
+    L += [f"  # {b.why}", f"  budget:{b.text}" if b.text.startswith("\n") else f"  budget: {b.text}"]
+    if not d.has_val:
+        L.append("  val_split: null   # the split has no val cases: each stage keeps its last checkpoint")
+    return L
+
+
+def _optimizer(three_d: bool) -> str:
     if three_d:
-        a("  name: unet   # the shipped 3D recipes' U-Net (recipes/la_*.yaml)")
-        a("  kwargs: {channels: [16, 32, 64, 128], num_res_units: 0}")
-        opt = "{name: adamw, lr: 0.003, weight_decay: 0.0001, schedule: poly}   # the shipped LA recipes' optimizer"
-    else:
-        a("  name: basic_unet   # the SSL4MIS/BCP U-Net of the shipped 2D recipes (ACDC-CPU protocol v2)")
-        opt = "{name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0001, schedule: constant}   # SSL4MIS/BCP SGD"
-    a("stages:")
-    a(f"  # {steps_why}; {batch_why}")
-    if strategy == "bcp":
-        pre, self_ = max(1, round(steps / 3, -1)), max(1, round(2 * steps / 3, -1))
-        a(f"  # BCP's two stages as recipes/{'la' if three_d else 'acdc'}_bcp.yaml: copy-paste pre-training (1/3 of the "
-          f"steps), then bidirectional copy-paste self-training (2/3)")
-        a("  - name: pretrain")
-        a("    strategy: bcp_pretrain")
-        a(f"    steps: {int(pre)}")
-        a(f"    val_every: {max(50, int(round(pre / 5 / 50)) * 50)}")
-        a(f"    batch_size: {{labeled: {batch}}}")
-        a(f"    optimizer: {opt}")
-        a("  - name: selftrain")
-        a("    strategy: bcp")
-        a(f"    init: {'previous_best' if has_val else 'previous_last'}   # "
-          + ("the pre-training checkpoint best on val" if has_val else "no val split: the last pre-training step"))
-        a("    config:")
-        a("      beta: 0.6666667   # box side 2/3 of each image side (BCP)")
-        a("      u_weight: 0.5")
-        a("      ema_decay: 0.99")
-        if three_d:
-            a("      ema_buffers: false   # the official LA code averages parameters only (recipes/la_bcp.yaml)")
-            a("      squared_dice: false  # the official LA Dice's linear denominator")
-        a(f"      # largest_component {lcc[1]}")
-        a(f"      largest_component: {'true' if lcc[0] else 'false'}")
-        a(f"    steps: {int(self_)}")
-        a(f"    val_every: {max(50, int(round(self_ / 10 / 50)) * 50)}")
-        a(f"    batch_size: {{labeled: {batch}, unlabeled: {batch}}}")
-        a(f"    optimizer: {opt}")
-    else:
-        a(f"  - strategy: {strategy}")
-        if strategy == "mean_teacher":
-            a("    config: {ema_decay: 0.99, consistency: 0.1}   # SSL4MIS's mean-teacher settings")
-        a(f"    steps: {steps}")
-        a(f"    val_every: {val_every}")
-        a(f"    batch_size: {{labeled: {batch}" + (f", unlabeled: {batch}}}" if semi else "}"))
-        a(f"    optimizer: {opt}")
-    a("trainer:")
-    a("  precision: auto   # bf16 where the device runs it natively, else fp32")
+        return "{name: adamw, lr: 0.003, weight_decay: 0.0001, schedule: poly}   # the shipped LA recipes' optimizer"
+    return "{name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 0.0001, schedule: constant}   # SSL4MIS/BCP SGD"
+
+
+def _write_backbone(three_d: bool) -> list[str]:
     if three_d:
-        a("evaluation:")
-        a("  sw_overlap: 0.5   # sliding-window evaluation with the training patch")
-    return "\n".join(_wrap(L)) + "\n", (Path(split_csv) if Path(split_csv).parent == out.parent else None), lcc
+        return ["backbone:", "  name: unet   # the shipped 3D recipes' U-Net (recipes/la_*.yaml)",
+                "  kwargs: {channels: [16, 32, 64, 128], num_res_units: 0}"]
+    return ["backbone:", "  name: basic_unet   # the SSL4MIS/BCP U-Net of the shipped 2D recipes (ACDC-CPU protocol v2)"]
+
+
+def _write_stages(d: Derived) -> list[str]:
+    L = ["stages:", f"  # {d.steps_why}; {d.batch_why}"]
+    if d.strategy == "bcp":
+        return L + _write_bcp_stages(d)
+    L.append(f"  - strategy: {d.strategy}")
+    if d.strategy == "mean_teacher":
+        L.append("    config: {ema_decay: 0.99, consistency: 0.1}   # SSL4MIS's mean-teacher settings")
+    return L + [f"    steps: {d.steps}", f"    val_every: {d.val_every}",
+                f"    batch_size: {{labeled: {d.batch}" + (f", unlabeled: {d.batch}}}" if d.semi else "}"),
+                f"    optimizer: {_optimizer(d.three_d)}"]
+
+
+def _write_bcp_stages(d: Derived) -> list[str]:
+    """BCP's copy-paste pre-training (1/3 of the steps) and bidirectional copy-paste self-training (2/3)."""
+    pre, self_ = int(max(1, round(d.steps / 3, -1))), int(max(1, round(2 * d.steps / 3, -1)))
+    opt, lcc = _optimizer(d.three_d), d.lcc
+    L = [f"  # BCP's two stages as recipes/{'la' if d.three_d else 'acdc'}_bcp.yaml: copy-paste pre-training (1/3 of "
+         "the steps), then bidirectional copy-paste self-training (2/3)",
+         "  - name: pretrain", "    strategy: bcp_pretrain", f"    steps: {pre}",
+         f"    val_every: {max(50, int(round(pre / 5 / 50)) * 50)}", f"    batch_size: {{labeled: {d.batch}}}",
+         f"    optimizer: {opt}",
+         "  - name: selftrain", "    strategy: bcp",
+         f"    init: {'previous_best' if d.has_val else 'previous_last'}   # "
+         + ("the pre-training checkpoint best on val" if d.has_val else "no val split: the last pre-training step"),
+         "    config:", "      beta: 0.6666667   # box side 2/3 of each image side (BCP)", "      u_weight: 0.5",
+         "      ema_decay: 0.99"]
+    if d.three_d:
+        L += ["      ema_buffers: false   # the official LA code averages parameters only (recipes/la_bcp.yaml)",
+              "      squared_dice: false  # the official LA Dice's linear denominator"]
+    L += [f"      # largest_component {lcc[1]}; UPL-SFDA's pseudo-label cleaning (its config largest_component) makes "
+          "the same one-structure-per-class assumption",
+          f"      largest_component: {'true' if lcc[0] else 'false'}",
+          f"    steps: {self_}", f"    val_every: {max(50, int(round(self_ / 10 / 50)) * 50)}",
+          f"    batch_size: {{labeled: {d.batch}, unlabeled: {d.batch}}}", f"    optimizer: {opt}"]
+    return L
+
+
+def _write_trainer(d: Derived) -> list[str]:
+    L = ["trainer:", "  precision: auto   # bf16 where the device runs it natively, else fp32"]
+    if d.three_d:
+        L += ["evaluation:", "  sw_overlap: 0.5   # sliding-window evaluation with the training patch"]
+    elif d.size.native_2d:
+        L += ["evaluation:", "  sw_overlap: 0.5   # sliding-window evaluation over each whole image with the training "
+              "patch"]
+    return L
 
 
 def _wrap(lines: list[str], width: int = 118) -> list[str]:

@@ -1,9 +1,11 @@
 """``label-efficient plan``: checks (every problem at once, naming the file), fingerprint, a runnable commented recipe,
-and defaults measured from the data (largest-component cleaning)."""
+and defaults measured from the data (largest-component cleaning, 2D native patches for thin structures, 3D spacing
+and CT normalisation)."""
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +15,17 @@ import yaml
 from conftest import SHARED, write_image_folder, write_nifti_folder
 from label_efficient.cli import main
 from label_efficient.errors import DataError, OutputError, OutputExistsError
-from label_efficient.plan import plan
+from label_efficient.plan import lcc_decision, plan, structure_width, target_spacing
 from label_efficient.recipe import load_recipe
 
 MEM = ("cpu", 8 * 2**30)  # a fixed device for deterministic derived values
 FAST = ["trainer.progress_bar=false", "trainer.accelerator=cpu", "data.max_val_cases=2", "data.max_test_cases=2",
         "evaluation.overlays=0"]
+
+
+def _flat(text: str) -> str:
+    """The recipe text with its wrapped comments joined back (continuation lines start with '#   ')."""
+    return " ".join(re.sub(r"\n\s*#\s+", " ", text).split())
 
 
 def _files(folder: Path) -> set[Path]:
@@ -181,7 +188,8 @@ def test_nnunet_v2_ct_layout_is_linked_next_to_the_recipe(tmp_path):
     assert d["dataset"] == "nifti_folder" and d["root"] == str(tmp_path / "plans" / "ball_data")
     assert d["options"]["class_names"] == ["background", "ball"] and d["patch_size"] == [16, 16, 16]
     text = result.recipe_path.read_text()
-    assert "CT (dataset.json modality CT)" in text and "NOT YET SUPPORTED" in text and "nnU-Net's rule clips" in text
+    assert "CT (dataset.json modality CT)" in text and "nnU-Net's CT scheme: clip" in text
+    assert d["normalize"] == "ct" and "intensity" not in d["options"]  # data.normalize replaces the dataset's option
     spec = build_dataset(d["dataset"], d["root"], **d["options"])
     assert len(spec.cases) == 6 and all(c.mask is not None for c in spec.cases)
 
@@ -217,6 +225,102 @@ def test_largest_component_off_for_vessels_on_for_blobs(tmp_path):
     assert raw["data"]["budget"] == {"count": 1}  # no --labeled: 10 % of the 10 train cases
     assert raw["stages"][0]["batch_size"]["labeled"] % 2 == 0  # BCP splits its batches in halves
     load_recipe(blobs.recipe_path)
+
+
+def _thin_vessels(root: Path, n: int = 10, size: int = 256) -> Path:
+    """256² images whose masks are five separate long lines 1–2 px wide (vessel-like), no split.csv."""
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        m = np.zeros((size, size), np.uint8)
+        for k in range(5):
+            r, w = 20 + 45 * k + int(rng.integers(0, 10)), int(rng.integers(1, 3))
+            m[r:r + w, 10:size - 10] = 1
+        img = (40 + 150 * m + rng.normal(0, 5, m.shape)).clip(0, 255).astype(np.uint8)
+        _save(root / "images" / f"v{i:02d}.png", img)
+        _save(root / "masks" / f"v{i:02d}.png", m)
+    return root
+
+
+def test_structure_width_is_the_thickest_part():
+    m = np.zeros((40, 40), np.uint8)
+    m[5, 2:30] = 1  # a 1-px line: distance to background 1
+    assert structure_width(m, 1) == 2.0
+    m[:] = 0
+    m[10:21, 10:21] = 1  # an 11-px square: 2 × 6
+    assert structure_width(m, 1) == 12.0 and structure_width(m, 2) is None
+
+
+def test_thin_structures_get_native_patches_blobs_keep_image_size(tmp_path):
+    from label_efficient.runner import run_recipe
+
+    thin = plan(_thin_vessels(tmp_path / "thin"), tmp_path / "thin.yaml", memory=MEM)
+    d = yaml.safe_load(thin.text)["data"]
+    assert "image_size" not in d and d["patch_size"] == [128, 128] and d["foreground_ratio"] == 0.33
+    text = _flat(thin.text)
+    assert "structure widths" in text and "class1 2 px" in text and "divides them by 2" in text
+    assert "class1 would be 1 px (< 2 px), so native resolution" in text and "nnU-Net's rule" in text
+    assert yaml.safe_load(thin.text)["evaluation"]["sw_overlap"] == 0.5
+    assert thin.fingerprint["components"]["class1"]["width_median"] == 2.0
+    recipe = load_recipe(thin.recipe_path, ["stages.0.steps=2", "stages.0.val_every=2",
+                                            "stages.0.batch_size.labeled=2", *FAST])
+    assert np.isfinite(run_recipe(recipe, tmp_path / "run")["mean_dice"])
+    blobs = plan(write_image_folder(tmp_path / "blobs", n=8, size=256), tmp_path / "b.yaml", memory=MEM)
+    d = yaml.safe_load(blobs.text)["data"]
+    assert d["image_size"] == [128, 128] and "patch_size" not in d and "foreground_ratio" not in d
+    assert "every class stays ≥ 2 px wide" in _flat(blobs.text)
+
+
+def _ct_volumes(root: Path, spacings: list[tuple[float, float, float]], shape=(24, 24, 16)) -> Path:
+    """CT-like volumes (air -1000 HU, a 60 HU ball) on grids of the given spacings; split 4/1/1 by plan."""
+    rng = np.random.default_rng(2)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    grid = np.stack(np.mgrid[tuple(slice(0, s) for s in shape)], -1)
+    for i, sp in enumerate(spacings):
+        lab = (np.linalg.norm(grid - rng.uniform(7, np.array(shape) - 7), axis=-1) < 5).astype(np.uint8)
+        ct = np.where(lab, 60, -1000) + rng.normal(0, 10, shape)
+        affine = np.diag([*sp, 1.0])
+        _nifti(root / "imagesTr" / f"ct{i:02d}.nii.gz", ct.astype(np.float32), affine)
+        _nifti(root / "labelsTr" / f"ct{i:02d}.nii.gz", lab, affine)
+    return root
+
+
+def test_3d_geometry_median_spacing_and_ct_normalisation(tmp_path):
+    from label_efficient.runner import run_recipe
+
+    spacings = [(1.0, 1.0, 1.5), (1.1, 1.1, 1.5), (0.9, 0.9, 1.6), (1.0, 1.0, 1.4), (1.2, 1.2, 1.5), (1.0, 1.0, 1.5)]
+    result = plan(_ct_volumes(tmp_path / "ct", spacings), tmp_path / "ct.yaml", memory=MEM)
+    d = yaml.safe_load(result.text)["data"]
+    assert d["spacing"] == [1.0, 1.0, 1.5] and d["orientation"] == "RAS" and d["foreground_ratio"] == 0.33
+    assert d["normalize"] == "ct" and "intensity" not in d["options"] and d["patch_size"] == [16, 16, 16]
+    text = _flat(result.text)
+    assert "spacings differ across volumes" in text and "median spacing 1×1×1.5 mm" in text
+    assert "intensities in HU: lowest value" in text and "on the 1×1×1.5 mm grid" in text
+    recipe = load_recipe(result.recipe_path, ["stages.0.steps=2", "stages.0.val_every=2", *FAST])
+    assert recipe.data.spacing == [1.0, 1.0, 1.5] and recipe.data.normalize == "ct"
+    assert np.isfinite(run_recipe(recipe, tmp_path / "run")["mean_dice"])
+    same = plan(write_nifti_folder(tmp_path / "mr", n=6), tmp_path / "mr.yaml", memory=MEM)
+    d = yaml.safe_load(same.text)["data"]
+    assert "spacing" not in d and "normalize" not in d and d["options"]["intensity"] == "zscore"
+    assert "every volume has spacing 1×1×1 mm (within 1 % per axis): no resampling" in _flat(same.text)
+
+
+def test_target_spacing_rules():
+    assert target_spacing([(1, 1, 1)] * 3 + [(1.005, 1, 1)], [(50, 50, 50)] * 4)[0] is None  # within 1 %
+    spacing, why = target_spacing([(0.7, 0.7, 5.0), (0.8, 0.8, 6.0), (0.7, 0.7, 3.0), (0.75, 0.75, 5.0),
+                                   (0.7, 0.7, 4.0)], [(512, 512, 60)] * 5)
+    assert spacing[:2] == [0.7, 0.7] and spacing[2] == pytest.approx(np.percentile([5, 6, 3, 5, 4], 10))
+    assert "anisotropic" in why and "10th percentile" in why
+    spacing, why = target_spacing([(1, 1, 1.2), (1, 1, 1.4), (1, 1, 1.3)], [(64, 64, 64)] * 3)
+    assert spacing == [1.0, 1.0, 1.3] and "anisotropic" not in why
+
+
+def test_lcc_decision_is_reusable():
+    fp = {"components": {"vessel": {"masks": 4, "median": 5.0, "max": 9, "outside_largest": 0.6}}}
+    on, why = lcc_decision(fp)
+    assert on is False and "vessel median 5" in why
 
 
 def test_budget_flag_becomes_ids(tmp_path):
