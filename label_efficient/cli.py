@@ -87,6 +87,29 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_suggest(args) -> int:
+    from .errors import RecipeError
+    from .recipe import load_recipe
+    from .suggest import build_pool, check_out, format_table, suggest, write_csv
+
+    source = Path(args.recipe)
+    if source.is_dir():  # a run folder: its own recipe, and its model.pt unless --model says otherwise
+        source, args.model = source / "recipe.resolved.yaml", args.model or str(source / "model.pt")
+    recipe = load_recipe(source, args.set)
+    check_out(args.out, args.force, build_pool(recipe).data_dirs)  # before any image is read
+    if args.passes < 1 or (args.max_slices is not None and args.max_slices < 1):
+        raise RecipeError("--passes and --max-slices must be at least 1")
+    result = suggest(recipe, args.count, args.rule, args.model, seed=args.seed, passes=args.passes,
+                     max_slices=args.max_slices)
+    out = write_csv(result, args.out, force=args.force, new_only=args.new_only)
+    print(format_table(result))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {out}: the first column 'id' is a label budget once annotated: data.budget: {{ids_file: {out}}}"
+          + ("" if args.new_only else " (the suggested groups and the currently labelled ones)"))
+    return 0
+
+
 def _cmd_list(args) -> int:
     from .backbones import BACKBONES
     from .data import DATASETS
@@ -160,6 +183,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write metrics JSON here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("suggest", help="which unlabelled train cases (patients/volumes/images) to label next: a CSV")
+    p.add_argument("recipe", help="the recipe (its dataset and current label budget), or a run folder")
+    p.add_argument("--count", type=int, required=True, help="how many groups (patients/volumes/images) to suggest")
+    p.add_argument("--model", help="a model.pt (entropy rules; kcenter/typiclust then use its bottleneck features)")
+    p.add_argument("--rule", choices=["random", "kcenter", "typiclust", "entropy", "entropy_kcenter"],
+                   help="default: entropy_kcenter with --model, typiclust without")
+    p.add_argument("--seed", type=int, help="default: the recipe's seed")
+    p.add_argument("--passes", type=int, default=4, help="MC-dropout passes (entropy rules)")
+    p.add_argument("--max-slices", type=int, default=4, help="2D: slices per group through the model (evenly spaced)")
+    p.add_argument("--out", required=True, help="the CSV to write (never inside the data folder)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--new-only", action="store_true",
+                   help="list only the suggested groups (default: also the labelled ones, so the CSV is the next budget)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.set_defaults(func=_cmd_suggest)
     p = sub.add_parser("predict", help="segment an image folder or NIfTI file/folder with a model.pt")
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
