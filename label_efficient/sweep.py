@@ -3,6 +3,9 @@
     label-efficient sweep recipes/acdc_supervised.yaml recipes/acdc_bcp.yaml --budgets 1,3,7,all --seeds 3
     label-efficient sweep recipes/acdc_supervised.yaml --strategies supervised,mean_teacher --budgets 3,7
 
+With ``--select RULE[,RULE…] --rounds 1,3,7`` (:func:`run_rounds`) the budgets are active-learning rounds instead: a
+random seeded start, then each round's next groups chosen by the rule with the model the round trained.
+
 Each cell is a full run of its recipe (all stages, selection on val, one test evaluation) with ``data.budget`` set to
 ``count: n`` patients (``all``, or a budget flag of the dataset) and ``seed`` set; a cell whose ``metrics.json``
 exists is skipped, an interrupted cell resumes. Output: ``sweep.csv`` (one row per cell), ``sweep.md`` (mean ± s.d.
@@ -96,6 +99,77 @@ def run_sweep(cells: Sequence[Cell], out: str | Path) -> list[dict]:
         rows.append({"line": cell.line, "budget": cell.budget, "labelled": len({c.group for c in ctx.labeled}),
                      "seed": cell.seed, "mean_dice": m["mean_dice"], "mean_hd95": m.get("mean_hd95"),
                      "train_seconds": m.get("train_seconds")})
+    write_outputs(rows, out)
+    return rows
+
+
+def round_budgets(tokens: Sequence[str]) -> list[int]:
+    """``--rounds 1,3,7``: increasing labelled-group counts, the first at least 1."""
+    try:
+        rounds = [int(t) for t in tokens]
+    except ValueError:
+        raise ValueError(f"--rounds takes increasing counts of labelled groups, e.g. 1,3,7; got {list(tokens)}") from None
+    if not rounds or rounds[0] < 1 or any(b <= a for a, b in zip(rounds, rounds[1:])):
+        raise ValueError(f"--rounds takes increasing counts of labelled groups, the first ≥ 1, e.g. 1,3,7; got {rounds}")
+    return rounds
+
+
+def run_rounds(recipes: Sequence[Recipe], rules: Sequence[str], rounds: Sequence[int], seeds: int,
+               out: str | Path, **suggest_options) -> list[dict]:
+    """Active-learning rounds: one line per recipe × selection rule (``label-efficient suggest``'s rules).
+
+    For each line and seed s (the recipe's seed + k): round 1 labels ``rounds[0]`` groups drawn at random with seed
+    s (the same groups for every rule at that seed, so the rules compare paired); each later round trains, then asks
+    the rule for ``rounds[i] - rounds[i-1]`` more groups with the model just trained (``suggest``, seed s), and
+    retrains from scratch on all of them (``data.budget.ids``). Cells live in ``<line>/budget_<n>/seed_<s>/`` as in
+    :func:`run_sweep` (round 1, the same run for every rule, once in ``start_<recipe>/``), each round's suggestion
+    for the next in ``<line>/budget_<n>/seed_<s>_next.csv``; finished cells and suggestions are reused
+    (resumable). Output: the same ``sweep.csv`` / ``sweep.md`` / ``learning_curve.png`` with
+    one line per rule (the first rule is the baseline of *labels saved*; put ``random`` first)."""
+    import json
+
+    from .data.budget import read_ids_file
+    from .runner import run_recipe
+    from .suggest import RULES, suggest, write_csv
+
+    unknown = [r for r in rules if r not in RULES]
+    if unknown:
+        raise ValueError(f"unknown selection rule(s) {unknown}; rules: {', '.join(RULES)}")
+    out, rows, t0, ran = Path(out), [], time.perf_counter(), 0
+    lines = [((r.name + "-" if len(recipes) > 1 else "") + rule, r, rule) for r in recipes for rule in rules]
+    if len({n for n, _, _ in lines}) != len(lines):
+        raise ValueError(f"two sweep lines share a name: {[n for n, _, _ in lines]}; give the recipes distinct names")
+    total = len(lines) * seeds * len(rounds)
+    for name, recipe, rule in lines:
+        for k in range(seeds):
+            seed, ids = recipe.seed + k, None
+            for i, n in enumerate(rounds):
+                raw = recipe.model_dump(mode="json")
+                raw["seed"] = seed
+                raw["data"]["budget"] = {"count": n, "seed": seed} if ids is None else {"ids": sorted(ids)}
+                cell = Recipe.model_validate(raw)
+                # round 1 is the same run for every rule: trained once, in start_<recipe>/
+                folder = out / (f"start_{recipe.name}" if i == 0 else name) / f"budget_{n}" / f"seed_{seed}"
+                if not (folder / "metrics.json").is_file():
+                    run_recipe(cell, folder, resume=True)
+                    ran += 1
+                    per = (time.perf_counter() - t0) / ran
+                    log.info("rounds: %s done; ~%.0f s per cell", folder.relative_to(out), per)
+                m = json.loads((folder / "metrics.json").read_text())
+                rows.append({"line": name, "budget": str(n), "labelled": n, "seed": seed, "rule": rule,
+                             "mean_dice": m["mean_dice"], "mean_hd95": m.get("mean_hd95"),
+                             "train_seconds": m.get("train_seconds")})
+                if i + 1 < len(rounds):
+                    nxt = out / name / f"budget_{n}" / f"seed_{seed}_next.csv"
+                    if not nxt.is_file():
+                        res = suggest(cell, rounds[i + 1] - n, rule, folder / "model.pt", seed=seed, **suggest_options)
+                        write_csv(res, nxt, force=True)
+                        log.info("rounds: %s suggested %s (%.0f s)", rule, [s.id for s in res.suggestions],
+                                 res.seconds)
+                    ids = read_ids_file(nxt)
+                    if len(set(ids)) != rounds[i + 1]:
+                        raise ValueError(f"{nxt} lists {len(set(ids))} groups, round {i + 2} needs {rounds[i + 1]}")
+    log.info("rounds: %d cells (%d run now)", total, ran)
     write_outputs(rows, out)
     return rows
 

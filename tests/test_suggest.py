@@ -185,3 +185,28 @@ def test_pool_is_train_minus_budget_and_refuses_a_full_budget(image_folder):
     assert len(pool.labeled) == 4 and len(pool.unlabeled) == 6
     with pytest.raises(DataError, match="nothing left to suggest"):
         build_pool(_recipe(image_folder, budget={"all": True}))
+
+
+def test_sweep_rounds_train_suggest_and_continue(image_folder, tmp_path):
+    from label_efficient.sweep import round_budgets, run_rounds
+
+    r = parse_recipe(tiny_recipe(image_folder, steps=2, val_every=2))
+    out = tmp_path / "rounds"
+    rows = run_rounds([r], ["random", "entropy"], round_budgets(["2", "4"]), 1, out)
+    assert [(row["line"], row["labelled"]) for row in rows] == [("random", 2), ("random", 4), ("entropy", 2),
+                                                                ("entropy", 4)]
+    assert rows[0]["mean_dice"] == rows[2]["mean_dice"]  # round 1: one shared run
+    start = DataContext.build(parse_recipe(yaml.safe_load((out / "start_tiny/budget_2/seed_3/recipe.resolved.yaml")
+                                                          .read_text())).data, 3)
+    for rule in ("random", "entropy"):
+        ids = [row["id"] for row in csv.DictReader(open(out / rule / "budget_2" / "seed_3_next.csv"))]
+        assert len(set(ids)) == 4 and {c.group for c in start.labeled} <= set(ids)
+        later = parse_recipe(yaml.safe_load((out / rule / "budget_4/seed_3/recipe.resolved.yaml").read_text()))
+        assert sorted(later.data.budget.ids) == sorted(ids)
+    md = (out / "sweep.md").read_text()
+    assert "labels saved vs random" in md and md.count("| entropy |") == 2
+    stamp = (out / "entropy/budget_4/seed_3/metrics.json").stat().st_mtime
+    run_rounds([r], ["random", "entropy"], [2, 4], 1, out)  # resumable: nothing runs again
+    assert (out / "entropy/budget_4/seed_3/metrics.json").stat().st_mtime == stamp
+    with pytest.raises(ValueError, match="increasing"):
+        round_budgets(["3", "2"])
