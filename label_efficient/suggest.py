@@ -336,7 +336,7 @@ def typiclust(pool: np.ndarray, k: int, labelled: np.ndarray | None = None,
         covered[j] += 1
         chosen.append(int(best))
         typ.append(best_t)
-        notes.append(f"cluster {len(chosen)} of {n_clusters} ({sizes[j]} groups, "
+        notes.append(f"cluster {j} of {n_clusters} ({sizes[j]} groups, "
                      f"{int(covered[j]) - 1} labelled or chosen before)")
     return chosen, typ, notes
 
