@@ -22,6 +22,7 @@ import cuts
 import cyclegan_pl
 import la_cpu
 import la_desco
+import nnunet_baseline
 import ood_polyp
 import sdc_uda
 import sfda_polyp
@@ -31,8 +32,8 @@ import sweep_quick
 from common import HERE
 
 #: the sections of RESULTS.md, in order
-SECTIONS = [acdc_cpu, acdc_contrastive, cuts, sfda_polyp, ood_polyp, sfda_shift, la_cpu, la_desco, cyclegan_pl, augpaint,
-            sdc_uda, sweep_quick, speed]
+SECTIONS = [acdc_cpu, acdc_contrastive, cuts, sfda_polyp, ood_polyp, sfda_shift, la_cpu, la_desco, nnunet_baseline,
+            cyclegan_pl, augpaint, sdc_uda, sweep_quick, speed]
 RESULTS_MD = HERE / "RESULTS.md"
 
 HEADER = (

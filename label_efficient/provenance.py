@@ -4,7 +4,8 @@ A number is only comparable with another one made at the same precision, on a co
 library versions and code. :func:`collect` gathers, for the process that writes the results:
 
 * ``precision``: the Lightning precision the run trained at (``auto`` resolved; passed in by the runner, else
-  resolved from the recipe's ``trainer`` on this host as the runner does) and ``precision_requested``;
+  resolved from the recipe's ``trainer`` on this host as the runner does; ``precision_from`` says which) and
+  ``precision_requested``;
 * ``device``: ``cpu`` or ``cuda``, the CUDA device name, capability and bf16 support when the model sits on a GPU;
 * ``cpu``: model name, the feature flags that decide speed (``avx2``, ``avx512f``, ``avx512_bf16``, ``amx_bf16``,
   ``amx_tile``), torch's CPU capability, threads and cores;
@@ -38,7 +39,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 VOLATILE = ("wall_seconds", "peak_rss_mb", "peak_cuda_allocated_mb", "peak_cuda_reserved_mb")
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
     from importlib import metadata
 
     try:
@@ -51,7 +52,7 @@ def _version(dist: str) -> str | None:
 def versions() -> dict:
     import torch
 
-    out = {"python": platform.python_version(), **{k: _version(d) for k, d in LIBRARIES.items()}}
+    out = {"python": platform.python_version(), **{k: package_version(d) for k, d in LIBRARIES.items()}}
     out["torch"] = torch.__version__  # the build actually imported (e.g. 2.13.0+cpu)
     out["torch_cuda"] = torch.version.cuda
     return out
@@ -143,8 +144,8 @@ def collect(precision: str | None = None, *, requested: str | None = None, accel
             device=None, t_start: float | None = None, wall_seconds: float | None = None) -> dict:
     """The provenance block of one run (see the module docstring).
 
-    ``precision``: the precision the run trained at; ``None`` resolves ``requested`` (default ``auto``) for
-    ``accelerator`` on this host, as the runner does (``precision_from`` says which). ``device``: where the model
+    ``precision``: the precision the run trained at (``precision_from``: ``given``); ``None`` resolves
+    ``requested`` (default ``auto``) for ``accelerator`` on this host, as the runner does. ``device``: where the model
     is (its CUDA name and peak CUDA memory are recorded when it is a GPU). ``wall_seconds`` or ``t_start``
     (``time.time()`` at the start) give the wall time."""
     from .precision import resolve_precision
@@ -152,7 +153,7 @@ def collect(precision: str | None = None, *, requested: str | None = None, accel
     if precision is None:
         precision, source = resolve_precision(requested or "auto", accelerator), "resolved on this host"
     else:
-        source = "runner"
+        source = "given"
     if wall_seconds is None and t_start is not None:
         wall_seconds = time.time() - t_start
     git = git_state()

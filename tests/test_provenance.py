@@ -110,7 +110,7 @@ def test_a_label_free_run_records_provenance_too(image_folder, tmp_path):
 def test_precision_passed_in_wins_and_auto_resolves_for_the_accelerator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     given = provenance.collect("16-mixed", requested="auto")
-    assert given["precision"] == "16-mixed" and given["precision_from"] == "runner"
+    assert given["precision"] == "16-mixed" and given["precision_from"] == "given"
     resolved = provenance.collect(None, requested="32-true", accelerator="cpu", wall_seconds=1.234)
     assert resolved["precision"] == "32-true" and resolved["precision_from"] == "resolved on this host"
     assert resolved["wall_seconds"] == 1.23
