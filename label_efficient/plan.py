@@ -51,6 +51,7 @@ LCC_MAX_OUTSIDE = 0.05  #: largest-component cleaning off above this share of a 
 #: 2D: native-resolution patches instead of resizing when a class's structure width / downscale factor < THIN_PX
 THIN_PX = 2.0
 WIDTH_SAMPLE = 40  #: masks sampled (evenly spaced) to measure the structure widths
+MIN_PATCH_3D = 32  #: 3D patch axes ≥ 4 × 2³: the 3D U-Net [16, 32, 64, 128] halves 3 times, bottleneck ≥ 4 voxels
 SPACING_TOL = 0.01  #: 3D: spacings within 1 % per axis count as one spacing (no resampling)
 ANISOTROPY = 3.0  #: nnU-Net's anisotropy threshold (low-resolution axis spacing vs the others')
 FOREGROUND_LINE = ("  foreground_ratio: 0.33   # nnU-Net's rule: a third of the training patches centred on a "
@@ -904,22 +905,28 @@ def _memory_text(mem: int, width: int, batch: int | str, streams: int) -> str:
 
 def _size_3d(fp: dict, target: list[float] | None, device: str, mem: int, streams: int) -> Size:
     """3D patch: the median shape (on the target grid) rounded down to 16, the longest axis cut until it fits."""
-    med = _resampled_median_shape(fp, target) if target is not None else fp["size"]["median"]
-    patch = [_round16(m) for m in med]
+    med = _resampled_median_shape(fp, target)
+    patch = [max(MIN_PATCH_3D, _round16(m)) for m in med]
     cap = int(min(VOXEL_CAP[device], MEMORY_SHARE * mem / (ACT_BYTES * WIDTH_3D * 2 * streams)))
-    while math.prod(patch) > cap and max(patch) > 16:
+    while math.prod(patch) > cap and max(patch) > MIN_PATCH_3D:
         patch[int(np.argmax(patch))] -= 16
     grid = (f" on the {'×'.join(f'{t:g}' for t in target)} mm grid (each volume's shape × its spacing / the target "
             "spacing)") if target is not None else ""
-    why = (f"median shape {'×'.join(f'{m:g}' for m in med)}{grid} rounded down to multiples of 16, then the longest "
-           f"axis cut by 16 until ≤ {cap:,} voxels = min({device} cap {VOXEL_CAP[device]:,}"
+    small = any(_round16(m) < MIN_PATCH_3D for m in med)
+    floor = (f", at least {MIN_PATCH_3D} (the U-Net's 3 halvings keep a 4-voxel bottleneck, as nnU-Net requires; a "
+             "16-voxel axis leaves 2 voxels and training can turn NaN; smaller volumes are zero-padded)") if small else ""
+    why = (f"median shape {'×'.join(f'{m:g}' for m in med)}{grid} rounded down to multiples of 16{floor}, then the "
+           f"longest axis cut by 16 until ≤ {cap:,} voxels = min({device} cap {VOXEL_CAP[device]:,}"
            f"{' (BCP LA 112×112×80)' if device == 'cpu' else ''}, {_memory_text(mem, WIDTH_3D, 2, streams)})")
     return Size([f"  # {why}", f"  patch_size: {_y(patch)}", FOREGROUND_LINE.format(what="voxel")], math.prod(patch))
 
 
-def _resampled_median_shape(fp: dict, target: Sequence[float]) -> list[float]:
-    """Median over the volumes of ``round(n · s / t)`` per axis (the grid CaseStore resamples to)."""
+def _resampled_median_shape(fp: dict, target: Sequence[float] | None) -> list[float]:
+    """Median over the volumes of ``round(n · s / t)`` per axis (the grid CaseStore resamples to; ``target`` None:
+    each volume's own shape), in the RAS axis order the run reorients to."""
     shapes, spacings = np.asarray(fp["grid"]["shape"], float), np.asarray(fp["grid"]["spacing"], float)
+    if target is None:
+        return np.median(shapes, 0).tolist()
     return np.median(np.maximum(1, np.round(shapes * spacings / np.asarray(target, float))), 0).tolist()
 
 
@@ -967,7 +974,7 @@ def _native_patch_2d(fp: dict, device: str, mem: int, streams: int, width_text: 
     """Square patches cut at each image's own size: side = min(median short side, device cap, memory rule)."""
     h, w = fp["size"]["median"]
     mem_px = MEMORY_SHARE * mem / (ACT_BYTES * WIDTH_2D * 8 * streams)
-    p = max(16, _round16(min(min(h, w), SHORT_SIDE_CAP[device], math.sqrt(mem_px))))
+    p = max(32, _round16(min(min(h, w), SHORT_SIDE_CAP[device], math.sqrt(mem_px))))
     why = (f"{width_text}: " + ", ".join(f"{k} would be {v / factor:.2g} px" for k, v in thin.items())
            + f" (< {THIN_PX:g} px), so native resolution: no image_size, random patches of each image at its own size, "
            "evaluation and predict by a sliding window over the whole image")

@@ -186,7 +186,7 @@ def test_nnunet_v2_ct_layout_is_linked_next_to_the_recipe(tmp_path):
     raw = yaml.safe_load(result.recipe_path.read_text())
     d = raw["data"]
     assert d["dataset"] == "nifti_folder" and d["root"] == str(tmp_path / "plans" / "ball_data")
-    assert d["options"]["class_names"] == ["background", "ball"] and d["patch_size"] == [16, 16, 16]
+    assert d["options"]["class_names"] == ["background", "ball"] and d["patch_size"] == [32, 32, 32]
     text = result.recipe_path.read_text()
     assert "CT (dataset.json modality CT)" in text and "nnU-Net's CT scheme: clip" in text
     assert d["normalize"] == "ct" and "intensity" not in d["options"]  # data.normalize replaces the dataset's option
@@ -294,10 +294,11 @@ def test_3d_geometry_median_spacing_and_ct_normalisation(tmp_path):
     result = plan(_ct_volumes(tmp_path / "ct", spacings), tmp_path / "ct.yaml", memory=MEM)
     d = yaml.safe_load(result.text)["data"]
     assert d["spacing"] == [1.0, 1.0, 1.5] and d["orientation"] == "RAS" and d["foreground_ratio"] == 0.33
-    assert d["normalize"] == "ct" and "intensity" not in d["options"] and d["patch_size"] == [16, 16, 16]
+    assert d["normalize"] == "ct" and "intensity" not in d["options"] and d["patch_size"] == [32, 32, 32]
     text = _flat(result.text)
     assert "spacings differ across volumes" in text and "median spacing 1×1×1.5 mm" in text
     assert "intensities in HU: lowest value" in text and "on the 1×1×1.5 mm grid" in text
+    assert "at least 32 (the U-Net's 3 halvings keep a 4-voxel bottleneck" in text  # 24×24×16 volumes, padded
     recipe = load_recipe(result.recipe_path, ["stages.0.steps=2", "stages.0.val_every=2", *FAST])
     assert recipe.data.spacing == [1.0, 1.0, 1.5] and recipe.data.normalize == "ct"
     assert np.isfinite(run_recipe(recipe, tmp_path / "run")["mean_dice"])
