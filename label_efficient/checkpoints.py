@@ -116,7 +116,8 @@ def load_for_evaluation(recipe: Recipe, ctx: "DataContext", path: str | Path) ->
             raise CheckpointError(f"{path} is a checkpoint of stage '{saved.get('stage')}', which recipe '{recipe.name}' "
                              f"does not have (its stages: {list(stages)}): pass the recipe that wrote it")
         stage = stages[saved["stage"]]  # the stage's strategy, rebuilt: its test-time network (e.g. an ensemble)
-        strategy = STRATEGIES.get(stage.strategy)(build_model(recipe, ctx.spec), ctx.spec.num_classes, stage.config)
+        strategy = STRATEGIES.get(stage.strategy)(build_model(recipe, ctx.spec), ctx.spec.num_classes, stage.config,
+                                                  in_channels=ctx.spec.in_channels, spatial_dims=ctx.spec.spatial_dims)
         load_state(strategy, strategy_keys(blob["state_dict"]), str(path))
         return strategy.export_inference().eval()
     return load_bundle(path)[0]

@@ -153,9 +153,6 @@ class StrategyModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.strategy.after_optimizer_step(self.step_index - 1)
 
-    def on_train_epoch_end(self) -> None:
-        self.strategy.on_epoch_end(self.current_epoch)
-
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         if isinstance(batch, EvalVolume):  # moved slice by slice (or window by window) in predict_volume
             return batch

@@ -57,5 +57,5 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False) -> dict:
         return {"mean_dice": None, "evaluated": False, "rank": global_rank()}
     if not stage.evaluates:
         return write_pretrainer_results(out, module.strategy, recipe, ctx, previous["parts"],
-                                        run_summary(reports, t_start))
-    return write_test_results(out, module.strategy, recipe, ctx, run_summary(reports, t_start))
+                                        run_summary(reports, t_start), precision)
+    return write_test_results(out, module.strategy, recipe, ctx, run_summary(reports, t_start), precision)

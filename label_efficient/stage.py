@@ -37,7 +37,8 @@ def build_stage(recipe: Recipe, plan: StagePlan, ctx: DataContext, previous: dic
     seed_everything(recipe.seed + plan.index)
     model = build_model(recipe, ctx.spec)
     init_weights(model, plan.stage.init, previous, meta, plan.name)
-    strategy = plan.strategy(model, ctx.spec.num_classes, plan.stage.config)
+    strategy = plan.strategy(model, ctx.spec.num_classes, plan.stage.config, in_channels=ctx.spec.in_channels,
+                             spatial_dims=ctx.spec.spatial_dims)
     return StrategyModule(strategy, plan.optimizer, plan.stage.steps, seed=recipe.seed + 7919 * plan.index,
                           spatial_dims=ctx.spec.spatial_dims, roi_size=ctx.cfg.patch_size, meta=meta,
                           overlap=recipe.evaluation.sw_overlap, val_loss=plan.select == "val_loss")

@@ -30,11 +30,15 @@ TIMING = ("train_seconds", "wall_seconds", "peak_rss_mb")
 
 def _result(out: Path) -> dict:
     """metrics.json without its timing (wall clock cannot repeat)."""
+    from label_efficient.provenance import VOLATILE
+
     m = json.loads((out / "metrics.json").read_text())
     for k in TIMING:
         m.pop(k)
     for s in m["stages"]:
         s.pop("seconds")
+    for k in VOLATILE:
+        m.get("provenance", {}).pop(k, None)
     return m
 
 

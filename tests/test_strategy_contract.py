@@ -99,7 +99,8 @@ def _stage(name: str, roots):
 
     def make(seed: int):
         torch.manual_seed(seed)
-        return plan.strategy(build_model(recipe, spec), spec.num_classes, plan.stage.config)
+        return plan.strategy(build_model(recipe, spec), spec.num_classes, plan.stage.config,
+                             in_channels=spec.in_channels, spatial_dims=spec.spatial_dims)
 
     strategy = make(0)
     strategy.make_another = make

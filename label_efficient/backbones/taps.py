@@ -156,15 +156,23 @@ def out_channels(model: nn.Module, name: str) -> int:
     return convs[-1].out_channels
 
 
-def input_channels(model: nn.Module, hint: str = "") -> int:
+def input_channels(model: nn.Module, hint: str = "", required: bool = True) -> int | None:
     """Image channels a backbone takes: the input channels of its first (not transposed) convolution, for strategies
     that build networks of their own on the same images (they are not told the channels). ``hint``: what the caller
     can set instead, added to the error."""
     conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed), None)
     if conv is None:
+        if not required:
+            return None
         raise ValueError(f"cannot read the input channels of backbone {type(model).__name__}: it has no convolution"
                          + (f"; {hint}" if hint else ""))
     return conv.in_channels
+
+
+def input_dims(model: nn.Module) -> int | None:
+    """Spatial dimensionality of a backbone's input, from its first convolution (None without one)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed), None)
+    return None if conv is None else len(conv.kernel_size)
 
 
 def get_head(model: nn.Module, points: Mapping[str, str] | None = None) -> nn.Module:

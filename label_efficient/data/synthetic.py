@@ -1,6 +1,6 @@
 """Generated image/label pairs: written by a data-producing stage, read by later stages' labelled streams.
 
-A stage whose strategy ``produces_pairs`` (e.g. AugPaint) calls ``strategy.generate(image, label, n, seed)`` for each
+A generating stage (``Requirements.role == "generator"``, e.g. AugPaint) calls ``strategy.generate(image, label, n, seed)`` for each
 labelled case of its label budget after training, and writes into ``<stage>/generated/``::
 
     <case id>.npz      images (n, C, *S) float32 and label (*S) int64, written atomically, one per source case
@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..utils import atomic_save_npz, atomic_write_json
 from .datasets import Case
+from .loaders import group_by_volume
 from .readers import DataError
 from .store import CaseStore
 
@@ -46,17 +47,9 @@ def dataset_identity(store: CaseStore) -> dict:
             "image_size": list(store.image_size) if store.image_size else None}
 
 
-def _by_volume(cases: Sequence[Case]) -> list[list[Case]]:
-    """2D cases grouped into volumes, slices in order of ``index`` (volumes in order of first appearance)."""
-    groups: dict[str, list[Case]] = {}
-    for c in cases:
-        groups.setdefault(c.volume, []).append(c)
-    return [sorted(g, key=lambda c: c.index) for g in groups.values()]
-
-
 def _generate_volumes(generate, store: CaseStore, cases: Sequence[Case], out: Path, variants: int, seed: int):
-    """Volume-wise generation (``Strategy.generates_volumes``): one call per volume, pairs written per slice."""
-    for k, volume in enumerate(_by_volume(cases)):
+    """Volume-wise generation (``Requirements.generates_volumes``): one call per volume, pairs written per slice."""
+    for k, volume in enumerate(group_by_volume(cases).values()):
         if all((out / f"{c.id}.npz").is_file() for c in volume):
             continue
         t0, items = time.perf_counter(), [store.get(c, True) for c in volume]
@@ -75,7 +68,7 @@ def generate_pairs(generate: Callable[[torch.Tensor, torch.Tensor, int, int], to
                    cases: Sequence[Case], out: Path, variants: int, seed: int, strategy: str,
                    volumes: bool = False) -> dict:
     """Generate ``variants`` images per labelled case into ``out`` (resumable), then write the manifest;
-    ``volumes``: 2D cases go to ``generate`` a whole volume at a time (see ``Strategy.generates_volumes``)."""
+    ``volumes``: 2D cases go to ``generate`` a whole volume at a time (see ``Requirements.generates_volumes``)."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
         return json.loads((out / MANIFEST).read_text())

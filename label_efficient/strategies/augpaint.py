@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..backbones.taps import input_channels
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .ema import ema_update, make_teacher
 from .requirements import Requirements
@@ -81,7 +80,7 @@ class AugPaint(Strategy):
             raise ValueError(f"block_out_channels {c.block_out_channels} must be multiples of norm_num_groups="
                              f"{c.norm_num_groups}")
         plain = levels - c.attention_levels
-        in_ch = input_channels(model)
+        in_ch = self.in_channels
         self.denoiser = UNet2DModel(
             in_channels=in_ch, out_channels=in_ch, block_out_channels=c.block_out_channels,
             layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups,

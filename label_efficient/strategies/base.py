@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..errors import UserError
+from ..backbones.taps import input_channels, input_dims
 from ..registry import Registry
 from .requirements import LabelLeakError, Requirements, check_batch  # noqa: F401  (LabelLeakError re-exported)
 
@@ -76,13 +77,17 @@ class Strategy(nn.Module):
             cls.training_step = checked
 
     def __init__(self, model: nn.Module, num_classes: int, config: StrategyConfig | Mapping[str, Any] | None = None,
-                 **overrides: Any):
+                 *, in_channels: int | None = None, spatial_dims: int | None = None, **overrides: Any):
+        """``in_channels`` / ``spatial_dims``: the images' channels and dimensionality (the runner passes the
+        dataset's; when not given they are read from the backbone's first convolution)."""
         super().__init__()
         if isinstance(config, StrategyConfig):
             config = config.model_dump()
         self.config = self.Config.model_validate({**dict(config or {}), **overrides})
         self.model = model
         self.num_classes = num_classes
+        self.in_channels = in_channels if in_channels is not None else input_channels(model, required=False)
+        self.spatial_dims = spatial_dims if spatial_dims is not None else input_dims(model)
         self.total_steps = 0
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         self._backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
@@ -97,9 +102,6 @@ class Strategy(nn.Module):
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after every optimizer step (EMA updates go here). Default: nothing to do."""
-
-    def on_epoch_end(self, epoch: int) -> None:
-        """Called at the end of every epoch (a fixed number of steps). Default: nothing to do."""
 
     def image_transform(self) -> Callable[[np.ndarray], np.ndarray] | None:
         """Optional CPU transform of each training image ``(C, *S) -> (C', *S)``, applied once per image by the
@@ -174,6 +176,13 @@ class Strategy(nn.Module):
     @classmethod
     def has_validation_loss(cls) -> bool:
         return cls.validation_loss is not Strategy.validation_loss
+
+    def generate(self, image: torch.Tensor, label: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+        """A generator (``requires.role == "generator"``) after training: ``n`` new images of a labelled case whose
+        label stays exact — image ``(C, *S)``, label ``(*S)`` -> ``(n, C, *S)``; with ``requires.generates_volumes`` a
+        2D volume's slices ``(Z, C, H, W)``, ``(Z, H, W)`` -> ``(n, Z, C, H, W)``. Written for later stages by the
+        runner (``data.synthetic``)."""
+        raise NotImplementedError(f"strategy '{self.name}' generates no pairs (its role is {self.requires.role!r})")
 
     # -- inference -------------------------------------------------------------------------------
 

@@ -37,7 +37,6 @@ from pydantic import Field
 from torch import nn
 
 from ..backbones import FeatureTap, get_head
-from ..backbones.taps import input_channels
 from ..transforms.condensation import diffusion_condensation, silhouette
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .requirements import Requirements
@@ -127,7 +126,7 @@ class CUTS(Strategy):
             raise ValueError(f"cuts: patch must be odd, got {self.config.patch}")
         self.tap = FeatureTap(model)
         latent = get_head(model).in_channels
-        channels = input_channels(model)
+        channels = self.in_channels
         out = channels * self.config.patch ** 2
         self.recon = nn.Sequential(nn.Linear(latent, out), nn.LeakyReLU(), nn.Linear(out, out))
 

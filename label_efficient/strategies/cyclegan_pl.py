@@ -47,7 +47,6 @@ from monai.networks.nets import BasicUNet
 from pydantic import Field
 from scipy import ndimage
 
-from ..backbones.taps import input_channels
 from ..losses import noise_weighted_dice
 from ..networks.gan import MaskGenerator, PatchDiscriminator, VAEDiscriminator
 from ..transforms.components import largest_component_labels
@@ -135,7 +134,7 @@ class CycleGANPseudoLabels(Strategy):
 
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
-        c, in_ch = self.config, input_channels(model)
+        c, in_ch = self.config, self.in_channels
         if len(c.generator_features) != 6:
             raise ValueError(f"cyclegan_pseudo_labels: generator_features takes 6 BasicUNet widths, got "
                              f"{c.generator_features}")

@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.taps import input_channels
 from ..losses import ce_dice, supervised_loss
 from ..networks.slice_transformer import SliceDiscriminator, SliceGenerator
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
@@ -96,7 +95,7 @@ class SDCUDATranslate(Strategy):
         c = self.config
         if c.slab < 1 or c.slab % 2 == 0:
             raise ValueError(f"sdc_uda_translate: slab must be odd (centre ± neighbours), got {c.slab}")
-        self.channels = c.channels or input_channels(model, "sdc_uda_translate: set config.channels")
+        self.channels = c.channels or self.in_channels
         make = lambda: SliceGenerator(self.channels, c.width, c.dim, c.blocks, c.heads, c.mlp_ratio, c.reduction,
                                       c.inter_slice)
         self.g_ab, self.g_ba = make(), make()
