@@ -47,11 +47,16 @@ def run_summary(stage_reports: list[dict], t_start: float) -> dict:
 def run_provenance(recipe: Recipe, strategy: Strategy, summary: dict, t_results: float,
                    precision: str | None) -> dict:
     """``metrics.json``'s ``provenance``: ``precision`` as the runner resolved it (``None``: resolved from the
-    recipe on this host, the same rule), the model's device, versions, commit; the wall time of this process up to
-    now (``summary`` is taken before the results are written) and its peak memory."""
-    wall = summary.get("wall_seconds")
-    return provenance.for_recipe(recipe, precision, device=next(strategy.parameters()).device,
-                                 wall_seconds=None if wall is None else wall + time.time() - t_results)
+    recipe on this host, the same rule), the training device (the recipe's accelerator: Lightning hands the model
+    back on the CPU after fitting, so ``evaluated_on`` names where the test ran), versions, commit; the wall time of
+    this process up to now (``summary`` is taken before the results are written) and its peak memory."""
+    from .precision import uses_cuda
+
+    wall, here = summary.get("wall_seconds"), next(strategy.parameters()).device
+    trained = torch.device("cuda", torch.cuda.current_device()) if uses_cuda(recipe.trainer.accelerator) else here
+    return {**provenance.for_recipe(recipe, precision, device=trained,
+                                    wall_seconds=None if wall is None else wall + time.time() - t_results),
+            "evaluated_on": str(here)}
 
 
 def write_pretrainer_results(out: Path, strategy: Strategy, recipe: Recipe, ctx: DataContext, parts, summary: dict,
