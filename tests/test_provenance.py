@@ -55,6 +55,7 @@ def test_metrics_json_records_precision_device_versions_commit_time_and_memory(t
     assert list(m)[0] == "mean_dice" and returned["provenance"] == m["provenance"]
     p = m["provenance"]
     assert p["precision"] == resolve_precision("auto", "cpu") and p["precision_requested"] == "auto"
+    assert p["precision_from"] == "given" and p["evaluated_on"] == "cpu"  # the runner passes what it trained at
     assert p["precision"] in ("bf16-mixed", "32-true")  # CPU: bf16 only with native support
     assert p["device"] == {"type": "cpu", "name": None}
     assert set(p["cpu"]["flags"]) == set(provenance.SPEED_FLAGS) and p["cpu"]["capability"]
