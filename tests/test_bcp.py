@@ -156,3 +156,17 @@ def test_two_stage_recipe_teacher_from_best_pretrain(image_folder, tmp_path, mon
     best = torch.load(tmp_path / "run/stage0_bcp_pretrain/best.ckpt", weights_only=True)["state_dict"]
     for k, v in seen["teacher"].items():
         assert torch.equal(v, best[f"strategy.model.{k}"]), k
+
+
+def test_bcp_says_how_it_cleans_pseudo_labels(caplog):
+    """The largest-component default assumes one structure per class: the stage says which rule it runs with."""
+    from label_efficient.backbones import build_backbone
+    from label_efficient.strategies import build_strategy
+
+    net = build_backbone("unet", 2, 1, 3, channels=[4, 8])
+    with caplog.at_level("INFO", logger="label_efficient"):
+        build_strategy("bcp", net, 3).setup(10)
+        build_strategy("bcp", net, 3, {"largest_component": False}).setup(10)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bcp: pseudo labels")]
+    assert "cut to the largest connected component per class" in lines[0] and "(config.largest_component: true)" in lines[0]
+    assert "kept whole" in lines[1] and "(config.largest_component: false)" in lines[1]

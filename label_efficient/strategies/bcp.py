@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..losses import weighted_ce, weighted_dice
-from ..transforms.components import largest_component_labels
+from ..transforms.components import log_cleaning, largest_component_labels
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .requirements import Requirements
 from .ema import ema_update, make_teacher
@@ -95,6 +95,10 @@ class BCP(Strategy):
     def __init__(self, model, num_classes, config=None, **overrides):
         super().__init__(model, num_classes, config, **overrides)
         self.teacher = make_teacher(model)  # = the pre-trained student the stage was initialised with
+
+    def setup(self, total_steps: int) -> None:
+        super().setup(total_steps)
+        log_cleaning("bcp", self.config.largest_component)
 
     @torch.no_grad()
     def pseudo_label(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from torch import nn
 from ..backbones.rotated_heads import RotatedHeads, default_rotations, ensemble_logits, rotated_head_probs, split_heads
 from ..backbones.taps import batchnorm_layers
 from ..losses import masked_dice_loss
-from ..transforms.components import largest_component_mask
+from ..transforms.components import log_cleaning, largest_component_mask
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .requirements import Requirements
 
@@ -72,6 +72,10 @@ class UPLSFDA(Strategy):
         self.register_buffer("tau", torch.tensor(tau, dtype=torch.float32).reshape(-1), persistent=False)
         _, self.heads = split_heads(model, self.config.num_heads)  # self.model now returns the shared decoder features
         self.rotations = default_rotations(self.config.num_heads)
+
+    def setup(self, total_steps: int) -> None:
+        super().setup(total_steps)
+        log_cleaning("upl_sfda", self.config.largest_component)
 
     def head_probs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Softmax of every head on its rotated input, rotated back into the input frame."""

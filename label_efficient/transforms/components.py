@@ -77,3 +77,15 @@ def largest_component_labels(labels: torch.Tensor, num_classes: int) -> torch.Te
     onehot = F.one_hot(labels, num_classes).movedim(-1, 1)[:, 1:]
     kept = largest_component_mask(onehot)
     return (kept * torch.arange(1, num_classes, device=labels.device).view(1, -1, *[1] * (labels.ndim - 1))).sum(1)
+
+
+def log_cleaning(strategy: str, largest_component: bool) -> None:
+    """Say, once per stage, how a strategy cleans its pseudo labels: the largest-component rule assumes one structure
+    per class (a heart per slice) and removes the rest of a vessel tree or of several lesions."""
+    import logging
+
+    logging.getLogger("label_efficient").info(
+        "%s: pseudo labels %s (config.largest_component: %s)", strategy,
+        "cut to the largest connected component per class, which assumes one structure per class; set it false for "
+        "data with several (vessels, lesions; `label-efficient plan` measures it)" if largest_component
+        else "kept whole, every connected component", str(largest_component).lower())
