@@ -126,5 +126,28 @@ def main() -> None:
     print(f"cache on disk: {result['cache_mb']} MB; written {RESULT}")
 
 
+def load_results() -> dict:
+    return json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+
+
+def section(saved: dict) -> str:
+    """RESULTS.md section: peak memory against the number of cases, in memory and memory-mapped from disk."""
+    runs = saved.get("runs") or {}
+    if not runs:
+        return ""
+    body = []
+    for cases, r in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        for mode, m in r["rows"].items():
+            body.append(f"| {cases} | {mode} | {m['build_s']:.1f} | {m['step_s'] * 1000:.0f} | {m['peak_rss_mb']} | "
+                        f"{m['peak_anon_mb']} | {r['cache_mb'] if mode.startswith('disk') else ''} |")
+    what = next(iter(runs.values()))["what"]
+    return ("## Memory: cases larger than RAM (disk cache)\n\n"
+            f"`OMP_NUM_THREADS=1 python benchmarks/memory_cache.py --copies N` ({what}; N × 24 cases). Peak RSS "
+            "counts the memory-mapped pages of the disk cache, page cache the kernel can drop; peak anonymous memory "
+            "is what cannot be evicted. Step times were measured with other work sharing the two cores.\n\n"
+            "| cases | mode | build s | step ms | peak RSS MB | peak anonymous MB | cache on disk MB |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(body) + "\n")
+
+
 if __name__ == "__main__":
     main()

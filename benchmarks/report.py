@@ -23,25 +23,32 @@ import cyclegan_pl
 import la_cpu
 import la_desco
 import nnunet_baseline
+import kvasir_native
+import la_geometry
+import memory_cache
 import ood_polyp
 import sdc_uda
 import sfda_polyp
 import sfda_shift
 import speed
+import suggest_acdc
 import sweep_quick
 from common import HERE
 
 #: the sections of RESULTS.md, in order
-SECTIONS = [acdc_cpu, acdc_contrastive, cuts, sfda_polyp, ood_polyp, sfda_shift, la_cpu, la_desco, nnunet_baseline,
-            cyclegan_pl, augpaint, sdc_uda, sweep_quick, speed]
+SECTIONS = [acdc_cpu, acdc_contrastive, cuts, sfda_polyp, ood_polyp, sfda_shift, la_cpu, la_geometry, memory_cache, la_desco,
+            nnunet_baseline, kvasir_native, cyclegan_pl, augpaint, sdc_uda, sweep_quick, suggest_acdc, speed]
 RESULTS_MD = HERE / "RESULTS.md"
 
 HEADER = (
     "# Benchmarks\n\n"
     "Regenerate this file from the stored rows (`benchmarks/results/`, no dataset or training needed): "
     "`python benchmarks/report.py`; each section names the script that makes its rows (every script rebuilds this "
-    "file after its rows). Numbers are from a 2-core AMD EPYC VM (AVX2, no native bf16, so `precision: auto` runs "
-    "fp32), one thread per run unless stated; rows added on 2026-12-01 (the quick sweep, LA rows with `steps` 1200 or "
+    "file after its rows). Every table has a precision column (`n/r`: not recorded, rows made before it was). "
+    "Numbers up to 2026-11-30 are from a 2-core AMD EPYC VM (AVX2, no native bf16, so `precision: auto` ran fp32), "
+    "one thread per run unless stated; rows of 2026-12-02 (Kvasir at native resolution, LA geometry, memory, "
+    "suggest) ran on a 2-core AMD EPYC VM with AVX-512 BF16 (`precision: auto` = bf16-mixed), one thread per run, "
+    "up to three runs and other work sharing the cores (their seconds are not speed measurements); rows added on 2026-12-01 (the quick sweep, LA rows with `steps` 1200 or "
     "`bcp_*` variants, LA v2, DeSCO, CycleGAN, AugPaint, SDC-UDA, the contrastive and CUTS tables, ACDC v2 rows at "
     "`all` and `labeled_3`, the ACDC v2 mean-teacher and DSAIF rows, the pre-training ablation, the Xeon rows beside "
     "the official code, the polyp seed-1338 and SDC-UDA rows, the simulated-shift SFDA and the OOD tables) ran on a "

@@ -39,6 +39,12 @@ def _same_size(image: np.ndarray, cfg) -> np.ndarray:
     return image if cfg.image_size is not None or cfg.patch_size is None else resize_image(image, cfg.patch_size)
 
 
+def evaluation_device(recipe: Recipe) -> torch.device:
+    """The device the test evaluation runs on: the training accelerator's (a CUDA GPU when the trainer used one)."""
+    wants_gpu = recipe.trainer.accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
 def run_summary(stage_reports: list[dict], t_start: float) -> dict:
     return {"stages": stage_reports, "train_seconds": sum(s["seconds"] for s in stage_reports),
             "wall_seconds": time.time() - t_start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -78,8 +84,8 @@ def write_test_results(out: Path, strategy: Strategy, recipe: Recipe, ctx: DataC
     t_results = time.time()
     ev = recipe.evaluation
     test = ctx.volumes(ev.split, ctx.cfg.max_test_cases)
-    device = next(strategy.parameters()).device
-    strategy.eval()
+    device = evaluation_device(recipe)  # Lightning hands the model back on the CPU after fit
+    strategy.to(device).eval()
     score = lambda keep: evaluate(strategy.predict, test, ctx.spec.num_classes, ctx.spec.class_names,  # noqa: E731
                                   ctx.spec.spatial_dims, ev.metrics, roi_size=ctx.cfg.patch_size, device=device,
                                   overlap=ev.sw_overlap, keep=keep, empty=ev.empty)
