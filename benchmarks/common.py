@@ -260,20 +260,22 @@ def precision_cell(r: dict) -> str:
     return r.get("precision") or NOT_RECORDED
 
 
-def result_table(rows: list[dict], ceiling: float | None = None, baselines: dict[str, str | None] | None = None) -> str:
+def result_table(rows: list[dict], ceiling: float | None = None, baselines: dict[str, str | None] | None = None,
+                 mm_per_voxel: float | None = None) -> str:
     """Markdown table of ``run_row`` rows; class columns come from the rows' ``per_class_dice``. Every table has a
     precision column (``n/r`` for rows made before it was recorded), so no table mixes precisions silently, and a
     "last-ckpt Dice" column (the last stage's ``last.ckpt`` on test, beside the selected checkpoint's mean Dice)
     where any row scored it. Gap closed is measured against the row's baseline (``baselines[strategy]``, default
     ``supervised``; ``None``: no gap) with the same labels, seed and steps, up to ``ceiling`` (default: the rows'
-    supervised-all Dice)."""
+    supervised-all Dice). ``mm_per_voxel`` (isotropic data) adds HD95 in mm: the voxel value times the spacing."""
     baselines = baselines or {}
     dice = {(r["strategy"], r["labeled"], row_seed(r), r["steps"]): r["mean_dice"] for r in rows}
     if ceiling is None:
         ceiling = next((r["mean_dice"] for r in rows if r["strategy"] == "supervised" and r["labeled"] == "all"), None)
     classes = list(dict.fromkeys(c for r in rows for c in r.get("per_class_dice", {})))
     last = any("last_mean_dice" in r for r in rows)
-    header = ["strategy", "labelled", "seed", "mean Dice", *classes, "HD95 (px)", "gap closed", "steps", "train s",
+    header = ["strategy", "labelled", "seed", "mean Dice", *classes, "HD95 (px)",
+              *(["HD95 (mm)"] if mm_per_voxel else []), "gap closed", "steps", "train s",
               "peak RSS MB"] + (["last-ckpt Dice"] if last else []) + ["precision"]
     out = []
     for r in rows:
@@ -282,7 +284,8 @@ def result_table(rows: list[dict], ceiling: float | None = None, baselines: dict
         if r["strategy"] != baseline and base is not None and ceiling is not None:
             gap = pct(gap_closed(r["mean_dice"], base, ceiling))
         pc = [f"{r.get('per_class_dice', {}).get(c, float('nan')):.3f}" for c in classes]
-        out.append([r["strategy"], r["labeled"], row_seed(r), f"{r['mean_dice']:.4f}", *pc, f"{r['hd95']:.2f}", gap,
+        out.append([r["strategy"], r["labeled"], row_seed(r), f"{r['mean_dice']:.4f}", *pc, f"{r['hd95']:.2f}",
+                    *([f"{r['hd95'] * mm_per_voxel:.2f}"] if mm_per_voxel else []), gap,
                     r["steps"], train_seconds(r), f"{r['peak_rss_mb']:.0f}"]
                    + ([f"{r['last_mean_dice']:.4f}" if "last_mean_dice" in r else NOT_RECORDED] if last else [])
                    + [precision_cell(r)])

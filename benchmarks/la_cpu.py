@@ -20,6 +20,8 @@ from pathlib import Path
 from common import (RESULTS_DIR, RUNS_DIR, load_json, load_rows, rebuild_report, result_table, row_seed, run_row, run_rows,
                     save_rows)
 
+#: LA's voxel spacing (isotropic, mm): HD95 in voxels times this is HD95 in mm
+LA_MM = 0.625
 RESULTS = {"v1": RESULTS_DIR / "la_cpu.json", "v2": RESULTS_DIR / "la_cpu_v2.json"}
 #: test Dice of BCP's pre-training stage alone (the teacher), evaluated from its checkpoint by hand
 TEACHERS = RESULTS_DIR / "la_teachers.json"
@@ -135,7 +137,9 @@ def section(rows: dict) -> str:
                f"{p['batch_size']['unlabeled']}, SGD {p['optimizer']['lr']} momentum {p['optimizer']['momentum']} at a "
                f"constant rate (the BCP code's), {p['steps']} steps (BCP: {pre} copy-paste pre-training + "
                f"{p['steps'] - pre} self-training, EMA of parameters only, linear Dice: the LA code's settings), "
-               "sliding-window test; Dice and HD95 in voxels on the 8 test volumes.", "", result_table(v2), "",
+               "sliding-window test; Dice and HD95 on the 8 test volumes, HD95 in voxels as measured and in mm (× the "
+               f"isotropic {LA_MM} mm spacing; rows made before surfaces took medpy's connectivity 1).", "",
+               result_table(v2, mm_per_voxel=LA_MM), "",
                *_v2_reading(v2, v1, rows["teachers"])]
     if v1:
         p = v1[0]["protocol"]
@@ -143,8 +147,9 @@ def section(rows: dict) -> str:
                "Regenerate: `python benchmarks/la_cpu.py --protocol v1`. LA subset (16 train / 8 test volumes, no val: "
                f"last checkpoint), random {p['patch_size']} crops, 3D U-Net {p['backbone']['kwargs']['channels']}, batch "
                f"{p['batch_size']['labeled']} + {p['batch_size']['unlabeled']}, {p['steps']} steps, sliding-window test "
-               "(overlap 0.5); Dice and HD95 in voxels on the 8 test volumes. Not comparable to published LA numbers "
-               "(80 train / 20 test volumes, 15k+ iterations).", "", result_table(v1), "", *_v1_reading(v1, rows["teachers"])]
+               "(overlap 0.5); Dice and HD95 on the 8 test volumes (voxels, and mm at the isotropic "
+               f"{LA_MM} mm spacing). Not comparable to published LA numbers "
+               "(80 train / 20 test volumes, 15k+ iterations).", "", result_table(v1, mm_per_voxel=LA_MM), "", *_v1_reading(v1, rows["teachers"])]
     return "\n".join(md)
 
 

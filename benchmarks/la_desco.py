@@ -50,9 +50,13 @@ def run(row: str, runs: Path) -> dict:
             "annotated_slices": 10 if name != "supervised_dense" else None}
 
 
+#: LA's isotropic voxel spacing in mm (HD95 in voxels × this = mm)
+LA_MM = 0.625
+
+
 def table(rows: list[dict]) -> str:
-    lines = [[r["strategy"], r["seed"], f"{r['mean_dice']:.4f}", f"{r['hd95']:.2f}", r["steps"], f"{r['train_seconds']:.0f}"]
-             for r in rows]
+    lines = [[r["strategy"], r["seed"], f"{r['mean_dice']:.4f}", f"{r['hd95']:.2f}", f"{r['hd95'] * LA_MM:.2f}", r["steps"],
+              f"{r['train_seconds']:.0f}"] for r in rows]
     by: dict[str, dict[int, float]] = {}
     for r in rows:
         by.setdefault(r["strategy"], {})[r["seed"]] = r["mean_dice"]
@@ -63,8 +67,8 @@ def table(rows: list[dict]) -> str:
             diffs = paired_differences(rs, sparse, key=lambda r: r["seed"])
             sd = f" ± {statistics.stdev(diffs):.4f}" if len(diffs) > 1 else ""
             lines.append([f"{name} − supervised_sparse, seeds {[r['seed'] for r in rs]}", "",
-                          f"{statistics.mean(diffs):+.4f}{sd}", "", "", ""])
-    return md_table(["row", "seed", "mean Dice", "HD95 (vox)", "steps", "train s"], lines)
+                          f"{statistics.mean(diffs):+.4f}{sd}", "", "", "", ""])
+    return md_table(["row", "seed", "mean Dice", "HD95 (vox)", "HD95 (mm)", "steps", "train s"], lines)
 
 
 def load_results() -> dict:

@@ -95,7 +95,7 @@ def run(row: str) -> dict:
     m = run_recipe_process(recipe(data, int(seed)), RUNS_DIR / "la_geometry" / f"{data}_s{seed}")
     return {"data": data, "seed": int(seed), "steps": STEPS, "mean_dice": round(m["mean_dice"], 4),
             "hd95_mm": round(m["mean_hd95"], 2),
-            "per_case_dice": {k: round(v["dice"]["class1"], 4) for k, v in m["cases"].items()},
+            "per_case_dice": {k: round(next(iter(v["dice"].values())), 4) for k, v in m["cases"].items()},
             "train_seconds": round(m["train_seconds"], 1), "wall_seconds": round(time.time() - t0, 1),
             "precision": resolved_precision(TRAINER), "threads": 1}
 
