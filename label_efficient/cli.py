@@ -29,6 +29,16 @@ def _cmd_sweep(args) -> int:
     if args.seeds < 1:
         raise RecipeError(f"--seeds must be at least 1, got {args.seeds}")
     recipes = [load_recipe(r, args.set) for r in args.recipes]
+    if args.select:  # rounds: train, suggest the next cases with each rule, continue
+        from .sweep import round_budgets, run_rounds
+
+        try:
+            run_rounds(recipes, [s.strip() for s in args.select.split(",")],
+                       round_budgets((args.rounds or "").split(",")), args.seeds, Path(args.out))
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        print((Path(args.out) / "sweep.md").read_text())
+        return 0
     cells = grid(recipes, [b.strip() for b in args.budgets.split(",")], args.seeds,
                  [s.strip() for s in args.strategies.split(",")] if args.strategies else ())
     out = Path(args.out)
@@ -172,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="outputs/sweep")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of every recipe")
+    p.add_argument("--select", help="suggest rules, random first: active-learning rounds (see `suggest`)")
+    p.add_argument("--rounds", help="with --select: labelled groups after each round, e.g. 1,3,7")
     p.set_defaults(func=_cmd_sweep)
     p = sub.add_parser("evaluate", help="score a model.pt (or a stage last/best.ckpt) on a split of the recipe data")
     p.add_argument("recipe", help="the recipe, or a run folder (its recipe.resolved.yaml and model.pt)")

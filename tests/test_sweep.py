@@ -62,3 +62,17 @@ def test_semi_supervised_cell_without_unlabelled_data_is_skipped_not_fatal(image
                                                               ("mean_teacher", "2")]
     assert "mean_teacher/budget_all/seed_3 skipped" in caplog.text and "leaves none" in caplog.text
     assert not (tmp_path / "sw" / "mean_teacher" / "budget_all").exists()
+
+
+def test_sweep_rounds_from_the_command_line_check_their_budgets(image_folder, tmp_path, capsys):
+    import yaml
+
+    from label_efficient.cli import main
+    from conftest import tiny_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(image_folder)))
+    assert main(["sweep", str(recipe), "--select", "random,kcenter", "--rounds", "4,2", "--seeds", "1",
+                 "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "round" in err and len(err.splitlines()) == 1
