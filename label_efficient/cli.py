@@ -169,6 +169,13 @@ def _cmd_doctor(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="label-efficient", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub)
+    _add_file_commands(sub)
+    return parser
+
+
+def _add_training_commands(sub) -> None:
+    """run, sweep, evaluate, suggest."""
     p = sub.add_parser("run", help="run a recipe (all stages, then the test evaluation)")
     p.add_argument("recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
@@ -210,6 +217,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="list only the suggested groups (default: also the labelled ones, so the CSV is the next budget)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(func=_cmd_suggest)
+
+
+def _add_file_commands(sub) -> None:
+    """predict, plan, doctor, list."""
     p = sub.add_parser("predict", help="segment an image folder or NIfTI file/folder with a model.pt")
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
@@ -232,7 +243,6 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_doctor)
     p = sub.add_parser("list", help="list strategies, backbones and datasets")
     p.set_defaults(func=_cmd_list)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -184,6 +184,20 @@ def has_dropout(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
+def _group_views(model: torch.nn.Module, pool: Pool, groups: Sequence[str], max_slices: int | None,
+                 roi: Sequence[int] | None) -> tuple[list[torch.Tensor], np.ndarray]:
+    """The network inputs of each group (≤ ``max_slices`` evenly spaced slices in 2D) and the group of each."""
+    cases = {**pool.labeled, **pool.unlabeled}
+    stride = int(getattr(model, "stride", 16))
+    views, owner = [], []
+    for gi, g in enumerate(groups):
+        for c in _evenly(cases[g], max_slices if pool.spec.spatial_dims == 2 else None):
+            v = _views(_image(pool.store, c), roi, stride)
+            views.append(v)
+            owner += [gi] * len(v)
+    return views, np.asarray(owner)
+
+
 @torch.no_grad()
 def model_scores(model: torch.nn.Module, pool: Pool, groups: Sequence[str], *, entropy: bool, features: bool = True,
                  passes: int = 4,
@@ -197,15 +211,7 @@ def model_scores(model: torch.nn.Module, pool: Pool, groups: Sequence[str], *, e
     (MC dropout; seeded), features averaged over the passes; else one pass in eval mode."""
     from .backbones.taps import FeatureTap
 
-    cases = {**pool.labeled, **pool.unlabeled}
-    stride = int(getattr(model, "stride", 16))
-    views, owner = [], []
-    for gi, g in enumerate(groups):
-        for c in _evenly(cases[g], max_slices if pool.spec.spatial_dims == 2 else None):
-            v = _views(_image(pool.store, c), roi, stride)
-            views.append(v)
-            owner += [gi] * len(v)
-    owner = np.asarray(owner)
+    views, owner = _group_views(model, pool, groups, max_slices, roi)
     mc = passes if entropy and has_dropout(model) and passes > 1 else 0
     model.eval()
     drop = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
@@ -360,6 +366,34 @@ def suggest(recipe: Recipe, count: int, rule: str | None = None, model: str | Pa
     docstring). ``rule`` None: ``entropy_kcenter`` with a model, ``typiclust`` without; ``seed`` None: the
     recipe's seed."""
     t0 = time.perf_counter()
+    rule = _checked_rule(rule, model, count)
+    seed = recipe.seed if seed is None else seed
+    net, blob = _model(model)
+    image_size = (blob or {}).get("data", {}).get("image_size")
+    pool = build_pool(recipe, image_size if image_size and rule != "random" else None)
+    groups = list(pool.unlabeled)
+    if count > len(groups):
+        raise DataError(f"--count {count} exceeds the {len(groups)} unlabelled train groups of '{pool.spec.name}'")
+    rng = np.random.default_rng(seed)
+    notes: list[str] = []
+    if rule == "random":
+        keys = rng.random(len(groups))
+        order = np.argsort(-keys, kind="stable")[:count]
+        picks = [(int(i), float(keys[i]), f"random draw (seed {seed})") for i in order]
+    else:
+        labelled = list(pool.labeled) if rule != "entropy" else []  # entropy alone needs no labelled group
+        ent, feats, mc = _scores(rule, recipe, pool, blob, net, labelled, groups, passes, max_slices, seed, precision,
+                                 notes)
+        lab_f, pool_f = (feats[: len(labelled)], feats[len(labelled):]) if feats is not None else (None, None)
+        picks = _picks(rule, count, ent, mc, lab_f, pool_f, len(groups), top_factor, rng)
+    out = [Suggestion(groups[i], r + 1, s, why) for r, (i, s, why) in enumerate(picks)]
+    res = SuggestResult(rule, out, list(pool.labeled), len(groups), time.perf_counter() - t0, notes, pool)
+    for n in notes:
+        log.info("suggest: %s", n)
+    return res
+
+
+def _checked_rule(rule: str | None, model, count: int) -> str:
     rule = rule or ("entropy_kcenter" if model is not None else "typiclust")
     if rule not in RULES:
         from .registry import did_you_mean
@@ -370,69 +404,57 @@ def suggest(recipe: Recipe, count: int, rule: str | None = None, model: str | Pa
                           "data); without one use random, kcenter or typiclust")
     if count < 1:
         raise RecipeError(f"--count must be at least 1, got {count}")
-    seed = recipe.seed if seed is None else seed
-    net, blob = _model(model)
-    image_size = (blob or {}).get("data", {}).get("image_size")
-    pool = build_pool(recipe, image_size if image_size and rule != "random" else None)
-    groups = list(pool.unlabeled)
-    if count > len(groups):
-        raise DataError(f"--count {count} exceeds the {len(groups)} unlabelled train groups of '{pool.spec.name}'")
-    rng = np.random.default_rng(seed)
-    notes: list[str] = []
-    picks: list[tuple[int, float, str]]  # (index into groups, score, reason)
-    if rule == "random":
-        keys = rng.random(len(groups))
-        order = np.argsort(-keys, kind="stable")[:count]
-        picks = [(int(i), float(keys[i]), f"random draw (seed {seed})") for i in order]
+    return rule
+
+
+def _scores(rule, recipe, pool, blob, net, labelled, groups, passes, max_slices, seed, precision, notes):
+    """(entropy of each pool group or None, features of labelled + pool groups or None, MC passes); ``notes`` gets
+    what was computed."""
+    if net is None:
+        feats = intensity_features(pool, labelled + groups)
+        ent, mc = None, 0
+        what = "image-intensity features (16² thumbnail + 32-bin histogram, mean over the group's images)"
     else:
-        labelled = list(pool.labeled) if rule != "entropy" else []  # entropy alone needs no labelled group
-        if net is None:
-            feats = intensity_features(pool, labelled + groups)
-            ent, mc = None, 0
-            what = "image-intensity features (16² thumbnail + 32-bin histogram, mean over the group's images)"
-        else:
-            roi = _roi(recipe, pool, blob)
-            autocast = torch.bfloat16 if _bf16(precision) else None
-            want_entropy = rule in NEEDS_MODEL
-            # the labelled groups go through the same passes, so that their features (k-center anchors) and the
-            # pool's are averaged alike
-            ent, feats, mc = model_scores(net, pool, labelled + groups, entropy=want_entropy,
-                                          features=rule != "entropy", passes=passes, max_slices=max_slices,
-                                          seed=seed, roi=roi, autocast=autocast)
-            ent = ent[len(labelled):] if ent is not None else None
-            what = (f"pooled bottleneck features of the model (≤ {max_slices} slices per group"
-                    f"{', bf16 autocast' if autocast else ''})")
-            if want_entropy and not mc:
-                notes.append("the backbone has no dropout layer: entropy is the softmax entropy of one deterministic "
-                             "pass, not MC-dropout" if not has_dropout(net) else "passes ≤ 1: one deterministic pass")
-        lab_f, pool_f = (feats[: len(labelled)], feats[len(labelled):]) if feats is not None else (None, None)
-        notes.append(f"{rule} on {what}" if rule != "entropy" else "entropy" + (f": MC dropout, T = {mc} passes"
-                                                                                 if mc else ": single pass"))
-        ent_kind = f"MC-dropout predictive entropy (T={mc})" if mc else "softmax entropy (one pass, no dropout)"
-        if rule == "kcenter":
-            idx, dist = kcenter_greedy(pool_f, count, lab_f, rng)
-            picks = [(i, d, f"k-center: farthest from the labelled and earlier picks (distance {d:.3f})")
-                     for i, d in zip(idx, dist)]
-        elif rule == "typiclust":
-            idx, typ, cl = typiclust(pool_f, count, lab_f, rng)
-            picks = [(i, t, f"typiclust: most typical of the least covered {c}") for i, t, c in zip(idx, typ, cl)]
-        elif rule == "entropy":
-            order = np.argsort(-ent, kind="stable")[:count]
-            picks = [(int(i), float(ent[i]), f"{ent_kind} {ent[i]:.4f} nats, rank {r + 1} of {len(groups)}")
-                     for r, i in enumerate(order)]
-        else:  # entropy_kcenter
-            m = min(len(groups), max(count, top_factor * count))
-            top = np.argsort(-ent, kind="stable")[:m]
-            idx, dist = kcenter_greedy(pool_f[top], count, lab_f, rng)
-            rank = {int(i): r + 1 for r, i in enumerate(top)}
-            picks = [(int(top[i]), float(ent[top[i]]),
-                      f"{ent_kind} {ent[top[i]]:.4f} (rank {rank[int(top[i])]} of {len(groups)}, among the top {m}); "
-                      f"k-center distance {d:.3f}") for i, d in zip(idx, dist)]
-    out = [Suggestion(groups[i], r + 1, s, why) for r, (i, s, why) in enumerate(picks)]
-    res = SuggestResult(rule, out, list(pool.labeled), len(groups), time.perf_counter() - t0, notes, pool)
-    for n in notes:
-        log.info("suggest: %s", n)
-    return res
+        roi = _roi(recipe, pool, blob)
+        autocast = torch.bfloat16 if _bf16(precision) else None
+        want_entropy = rule in NEEDS_MODEL
+        # the labelled groups go through the same passes, so that their features (k-center anchors) and the
+        # pool's are averaged alike
+        ent, feats, mc = model_scores(net, pool, labelled + groups, entropy=want_entropy,
+                                      features=rule != "entropy", passes=passes, max_slices=max_slices,
+                                      seed=seed, roi=roi, autocast=autocast)
+        ent = ent[len(labelled):] if ent is not None else None
+        what = (f"pooled bottleneck features of the model (≤ {max_slices} slices per group"
+                f"{', bf16 autocast' if autocast else ''})")
+        if want_entropy and not mc:
+            notes.append("the backbone has no dropout layer: entropy is the softmax entropy of one deterministic "
+                         "pass, not MC-dropout" if not has_dropout(net) else "passes ≤ 1: one deterministic pass")
+    notes.append(f"{rule} on {what}" if rule != "entropy" else "entropy" + (f": MC dropout, T = {mc} passes"
+                                                                             if mc else ": single pass"))
+    return ent, feats, mc
+
+
+def _picks(rule, count, ent, mc, lab_f, pool_f, n_groups, top_factor, rng) -> list[tuple[int, float, str]]:
+    """(index into the pool, score, reason) of each pick of a model- or feature-based rule, in order."""
+    ent_kind = f"MC-dropout predictive entropy (T={mc})" if mc else "softmax entropy (one pass, no dropout)"
+    if rule == "kcenter":
+        idx, dist = kcenter_greedy(pool_f, count, lab_f, rng)
+        return [(i, d, f"k-center: farthest from the labelled and earlier picks (distance {d:.3f})")
+                for i, d in zip(idx, dist)]
+    if rule == "typiclust":
+        idx, typ, cl = typiclust(pool_f, count, lab_f, rng)
+        return [(i, t, f"typiclust: most typical of the least covered {c}") for i, t, c in zip(idx, typ, cl)]
+    if rule == "entropy":
+        order = np.argsort(-ent, kind="stable")[:count]
+        return [(int(i), float(ent[i]), f"{ent_kind} {ent[i]:.4f} nats, rank {r + 1} of {n_groups}")
+                for r, i in enumerate(order)]
+    m = min(n_groups, max(count, top_factor * count))  # entropy_kcenter
+    top = np.argsort(-ent, kind="stable")[:m]
+    idx, dist = kcenter_greedy(pool_f[top], count, lab_f, rng)
+    rank = {int(i): r + 1 for r, i in enumerate(top)}
+    return [(int(top[i]), float(ent[top[i]]),
+             f"{ent_kind} {ent[top[i]]:.4f} (rank {rank[int(top[i])]} of {n_groups}, among the top {m}); "
+             f"k-center distance {d:.3f}") for i, d in zip(idx, dist)]
 
 
 def _model(model) -> tuple[torch.nn.Module | None, dict | None]:
