@@ -299,16 +299,17 @@ class CaseStore:
                             "are scaled to [0, 1] and 16-bit ones kept raw, so convert every image to one bit depth")
 
     def get(self, case: Case, with_label: bool) -> Loaded:
+        """The preprocessed case: from memory, or with ``cache_dir`` memory-mapped afresh at every access, so the
+        pages one sample touched are unmapped once it is used and resident memory does not grow with the cases."""
+        if self.cache_dir is not None:
+            item = self._from_disk(case, with_label)
+            if self.spec.image_remap is not None:  # not cached: a remap is code, not a setting
+                item.image = self.spec.image_remap(np.asarray(item.image), case)
+                item.sources = {k: v for k, v in (item.sources or {}).items() if k != "image"}
+            return item
         key = (case.id, with_label)
         if key not in self._cache:
-            if self.cache_dir is None:
-                self._cache[key] = self._read(case, with_label)
-            else:
-                item = self._from_disk(case, with_label)
-                if self.spec.image_remap is not None:  # not cached: a remap is code, not a setting
-                    item.image = self.spec.image_remap(np.asarray(item.image), case)
-                    item.sources = {k: v for k, v in (item.sources or {}).items() if k != "image"}
-                self._cache[key] = item
+            self._cache[key] = self._read(case, with_label)
         return self._cache[key]
 
     def load(self, cases: Iterable[Case], with_label: bool) -> list[Case]:
