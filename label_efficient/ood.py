@@ -27,6 +27,16 @@ DEFAULT_SCORE = "knn"
 
 
 @torch.no_grad()
+def ood_view(images: torch.Tensor, image_size, patch_size) -> torch.Tensor:
+    """What the detector sees of (N, C, H, W) images: as the network was trained on them, or, with 2D patches at
+    native size (``patch_size`` without ``image_size``: images of many sizes), resized to the patch size (bilinear,
+    antialiased), so that every image gives features of one scale."""
+    if image_size is not None or patch_size is None or tuple(images.shape[2:]) == tuple(patch_size):
+        return images
+    return torch.nn.functional.interpolate(images.float(), size=tuple(patch_size), mode="bilinear",
+                                           align_corners=False, antialias=True)
+
+
 def pooled_features(model: torch.nn.Module, images: Iterable[torch.Tensor], device="cpu") -> np.ndarray:
     """(N, C) average-pooled bottleneck features of every image in the batches ``images``."""
     model.eval()

@@ -17,7 +17,7 @@ import torch
 from .data.readers import IMAGE_SUFFIXES, DataError, read_image_2d, read_volume
 from .data.store import resize_image
 from .evaluation import predict_volume
-from .ood import DEFAULT_SCORE, OODDetector, pooled_features
+from .ood import DEFAULT_SCORE, OODDetector, ood_view, pooled_features
 from .data.loaders import EvalVolume
 from .errors import OutputError
 from .outputs import remove_partial_writes
@@ -117,8 +117,7 @@ def predict_path(model_path: str | Path, input_path: str | Path, output: str | P
                                   multiple=getattr(model, "stride", 1))[0]
             _write_png(pred.astype(np.uint8), mask_path)
             if detector is not None:
-                view = x if size or not data["patch_size"] else torch.from_numpy(resize_image(image, data["patch_size"]))[None]
-                sc = detector.score(pooled_features(model, [view]))
+                sc = detector.score(pooled_features(model, [ood_view(x, size, data["patch_size"])]))
                 ood_rows.append((f.name, float(sc["mahalanobis"][0]), float(sc["knn"][0]), bool(detector.flag(sc)[0])))
         n += 1
     if ood_rows:

@@ -15,28 +15,13 @@ from . import provenance
 from .checkpoints import save_bundle, strategy_state
 from .context import DataContext
 from .evaluation import evaluate
-from .ood import OODDetector, pooled_features
+from .ood import OODDetector, ood_view, pooled_features
 from .outputs import recipe_hash
 from .recipe import Recipe
 from .strategies import Strategy
 from .utils import atomic_write_json
 
 log = logging.getLogger("label_efficient")
-
-
-def ood_view(images: torch.Tensor, cfg) -> torch.Tensor:
-    """What the OOD detector sees of (N, C, H, W) images: as trained, or, with 2D patches at native size (images of
-    many sizes), resized to the patch size, so every image gives features of one scale."""
-    if cfg.image_size is not None or cfg.patch_size is None or tuple(images.shape[2:]) == tuple(cfg.patch_size):
-        return images
-    return torch.nn.functional.interpolate(images.float(), size=tuple(cfg.patch_size), mode="bilinear",
-                                           align_corners=False, antialias=True)
-
-
-def _same_size(image: np.ndarray, cfg) -> np.ndarray:
-    from .data.store import resize_image
-
-    return image if cfg.image_size is not None or cfg.patch_size is None else resize_image(image, cfg.patch_size)
 
 
 def evaluation_device(recipe: Recipe) -> torch.device:
@@ -95,8 +80,9 @@ def write_test_results(out: Path, strategy: Strategy, recipe: Recipe, ctx: DataC
     exported = strategy.export_model()  # the OOD detector reads its bottleneck, which an ensemble's heads share
     detector = fit_ood(exported, ctx, device) if ctx.spec.spatial_dims == 2 else None
     if detector is not None:
+        sizes = (ctx.cfg.image_size, ctx.cfg.patch_size)
         for vol in test:
-            sc = detector.score(pooled_features(exported, [ood_view(vol.image, ctx.cfg)], device))
+            sc = detector.score(pooled_features(exported, [ood_view(vol.image, *sizes)], device))
             metrics["cases"][vol.id]["ood"] = {k: float(v.mean()) for k, v in sc.items()}
             metrics["cases"][vol.id]["ood"]["flagged"] = bool(detector.flag(sc).any())
     metrics = {"mean_dice": metrics.get("mean_dice"), **metrics, "split": ev.split, "recipe_sha256": recipe_hash(recipe),
@@ -148,8 +134,8 @@ def fit_ood(model: torch.nn.Module, ctx: DataContext, device, max_images: int = 
     keep = np.random.default_rng(0).permutation(len(train))[:max_images]
     train = [train[i] for i in sorted(keep)]
     val = ctx.spec.select(ctx.cfg.val_split, ctx.cfg.domain) if ctx.cfg.val_split else []
-    images = lambda cases: [ood_view(torch.from_numpy(np.stack([_same_size(ctx.store.get(c, False).image, ctx.cfg)
-                                                                for c in cases[i:i + 32]])), ctx.cfg)
-                            for i in range(0, len(cases), 32)]
+    sizes = (ctx.cfg.image_size, ctx.cfg.patch_size)
+    view = lambda c: ood_view(torch.from_numpy(ctx.store.get(c, False).image)[None], *sizes)  # noqa: E731
+    images = lambda cases: [torch.cat([view(c) for c in cases[i:i + 32]]) for i in range(0, len(cases), 32)]
     return OODDetector().fit(pooled_features(model, images(ctx.store.load(train, False)), device),
                              pooled_features(model, images(ctx.store.load(val, False)), device))
