@@ -54,6 +54,24 @@ def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "discs")
 
 
+@pytest.fixture
+def forbid_mask_reads(monkeypatch):
+    """``forbid_mask_reads(paths)``: from now on, reading any of these mask files fails the test (the masks of an
+    unlabelled pool must never be read)."""
+    from label_efficient.data import readers
+
+    def forbid(paths):
+        forbidden, real = {str(p) for p in paths}, readers.read_mask_2d
+
+        def guarded(path):
+            assert str(path) not in forbidden, f"mask of unlabelled case read: {path}"
+            return real(path)
+
+        monkeypatch.setattr("label_efficient.data.store.read_mask_2d", guarded)
+
+    return forbid
+
+
 def tiny_recipe(root: Path, **stage) -> dict:
     """A recipe on the synthetic disc folder that trains in seconds."""
     st = {"strategy": "supervised", "steps": 6, "val_every": 3, "batch_size": {"labeled": 2, "unlabeled": 2},

@@ -12,7 +12,6 @@ from torch import nn
 
 from label_efficient.cli import main
 from label_efficient.context import DataContext
-from label_efficient.data import readers
 from label_efficient.data.budget import LabelBudget, split_labeled
 from label_efficient.errors import DataError
 from label_efficient.recipe import parse_recipe
@@ -114,17 +113,10 @@ def test_entropy_ranks_the_ambiguous_image_first(image_folder, dropout):
     assert {s.id for s in top.suggestions} == {s.id for s in res.suggestions}
 
 
-def test_no_rule_reads_a_mask_of_the_unlabelled_pool(image_folder, monkeypatch):
+def test_no_rule_reads_a_mask_of_the_unlabelled_pool(image_folder, forbid_mask_reads):
     recipe = _recipe(image_folder)
     _, pool = _groups(recipe)
-    unl_masks = {c.mask for c in pool}
-    real = readers.read_mask_2d
-
-    def guarded(path):
-        assert str(path) not in unl_masks, f"mask of unlabelled case read: {path}"
-        return real(path)
-
-    monkeypatch.setattr("label_efficient.data.store.read_mask_2d", guarded)
+    forbid_mask_reads(c.mask for c in pool)
     for rule in RULES:
         suggest(recipe, 2, rule, Threshold() if rule in ("entropy", "entropy_kcenter") else None, seed=1)
 
