@@ -53,7 +53,13 @@ HEADER = (
     "`all` and `labeled_3`, the ACDC v2 mean-teacher and DSAIF rows, the pre-training ablation, the Xeon rows beside "
     "the official code, the polyp seed-1338 and SDC-UDA rows, the simulated-shift SFDA and the OOD tables) ran on a "
     "2-core Intel Xeon VM with AVX-512 BF16, where `precision: auto` picks bf16-mixed, several runs sharing the two "
-    "cores (so their `train s` are not speed measurements).\n"
+    "cores (so their `train s` are not speed measurements).\n\n"
+    "**Rows made before the audit fixes of 2026-12-02** (each fix is a commit with a reference test; the rows have not "
+    "been re-made): every CUTS row (persistent levels and patch SSIM now as the official code), the `pretrained` rows "
+    "of the contrastive table (set-2 anchors, stage-2 batch statistics, bias-free g2), every `upl_sfda` and "
+    "`bn_sfda+upl_sfda` row (largest component with face connectivity) and every `dsaif` row (separate labelled / "
+    "unlabelled passes, γ per view inside the filter, rotation of filtered pairs, floor quantisation). Behaviour-"
+    "preserving refactors (shared EMA, replay pool, Dice) were checked bit-identical and leave the other rows valid.\n"
 )
 
 
