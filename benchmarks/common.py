@@ -257,7 +257,9 @@ NOT_RECORDED = "n/r"
 
 
 def precision_cell(r: dict) -> str:
-    return r.get("precision") or NOT_RECORDED
+    """The row's precision; † where ``benchmarks/infer_precision.py`` inferred it from the row's commit date."""
+    p = r.get("precision") or NOT_RECORDED
+    return f"{p}†" if str(r.get("precision_from", "")).startswith("inferred") else p
 
 
 def result_table(rows: list[dict], ceiling: float | None = None, baselines: dict[str, str | None] | None = None,
@@ -308,9 +310,10 @@ def seed_table(rows: list[dict], baseline: str = "supervised") -> str:
         diff = paired_differences(rs, base, lambda r: (labeled, steps, row_seed(r)))
         out.append([strategy, labeled, steps, ", ".join(str(row_seed(r)) for r in rs), mean_sd(d),
                     ", ".join(f"{x:.4f}" for x in d), mean_sd(h, ".2f"),
-                    mean_sd(diff, "+.4f") if strategy != baseline else ""])
+                    mean_sd(diff, "+.4f") if strategy != baseline else "",
+                    ", ".join(precision_cell(r) for r in rs)])
     header = ["strategy", "labelled", "steps", "seeds", "mean Dice (mean ± s.d.)", "per seed", "HD95 (mean ± s.d.)",
-              f"− {baseline}, same seeds (mean ± s.d.)"]
+              f"− {baseline}, same seeds (mean ± s.d.)", "precision per seed"]
     return md_table(header, out) if out else ""
 
 

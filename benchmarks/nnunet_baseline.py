@@ -29,8 +29,10 @@ nothing), on the CPU (``device cpu``: fp32, nnU-Net enables autocast on CUDA onl
 thread, augmentation in the training process (``nnUNet_n_proc_DA=0``). Its schedule (1000 epochs × 250 iterations)
 is truncated by a trainer subclass defined here (``nnUNetTrainer_Budget``: ``num_epochs``, ``num_iterations_per_epoch``,
 ``num_val_iterations_per_epoch``): its 2D network at ~256² costs ~89 GFLOP per image per step against 4.6 for ours
-at 128², so a row is planned by wall-clock (``--minutes``: epochs = minutes × 60 / (s/iteration × iterations per
-epoch), s/iteration from the ``smoke`` timing of that dataset on this host) rather than by steps. Prediction:
+at 128², so a row is planned by time (``--minutes``: epochs = minutes × 60 / (CPU s/iteration × iterations per
+epoch), the process's CPU seconds per iteration from the ``smoke`` timing of that dataset on this host: with one
+thread, the wall-clock of the run alone on a core, whatever else shares the machine) rather than by steps. ``--run N``
+repeats a row (nnU-Net seeds nothing: each run is another draw of its initialisation and sampling). Prediction:
 ``checkpoint_final.pth`` of fold ``all``, nnU-Net's defaults (sliding window with step 0.5, Gaussian weighting,
 mirroring test-time augmentation), on the CPU. Scoring: :func:`label_efficient.evaluation.case_metrics` against the
 labels our runs evaluate against (``ctx.volumes("test")``: the file's own size and, for LA, spacing in mm), the means
@@ -52,13 +54,19 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, ROOT, RUNS_DIR, load_rows, md_table, merge_rows, rebuild_report, row_seed
+from common import (RESULTS_DIR, ROOT, RUNS_DIR, load_rows, mean_sd, md_table, merge_rows, minus, precision_cell,
+                    rebuild_report, row_seed)
 
 RESULTS = RESULTS_DIR / "nnunet_baseline.json"
 NNUNET = RUNS_DIR / "nnunet"
 SHARED = Path(os.environ.get("LABEL_EFFICIENT_DATA", ROOT.parent / "shared" / "data"))
 #: our rows beside nnU-Net's (supervised at the same labels, protocol seed)
 OURS = {"acdc": RESULTS_DIR / "acdc_cpu.json", "la_heart": RESULTS_DIR / "la_cpu_v2.json"}
+#: our steps' cost alone on this host, one thread, ``precision: auto`` (``speed.py --backbone basic_unet --batch 12
+#: --optimizer sgd --threads 1``): the basis of nnU-Net's equal-time budget
+OUR_SPEED = RESULTS_DIR / "speed_bcp_official_config_epyc_bf16_1thread.json"
+#: the strategies of ours put beside nnU-Net
+OURS_BESIDE = ("supervised", "bcp")
 
 #: the nnU-Net datasets: our data and label budget → an nnU-Net dataset id and the configuration trained
 DATASETS = {
@@ -248,13 +256,13 @@ def train(key: str, epochs: int, iters: int, val_iters: int = VAL_ITERS) -> dict
         shutil.rmtree(trainer.output_folder)
         Path(trainer.output_folder).mkdir(parents=True)
     trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = epochs, iters, val_iters
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     trainer.run_training()
-    seconds = time.time() - t
+    seconds, cpu_seconds = time.time() - t, time.process_time() - cpu
     c = plans["configurations"][d["configuration"]]
     later = lambda xs: statistics.median(xs[1:] or xs)  # noqa: E731  (the first iteration pays for warm-up)
     return {"epochs": epochs, "iters_per_epoch": iters, "val_iters": val_iters, "steps": epochs * iters,
-            "train_seconds": round(seconds, 1), "s_per_iter": round(later(trainer.iteration_seconds), 3),
+            "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), "s_per_iter": round(later(trainer.iteration_seconds), 3),
             "s_per_step_only": round(later(trainer.step_seconds), 3),
             "cpu_s_per_iter": round(later(trainer.iteration_cpu_seconds), 3),
             "first_iter_s": round(trainer.iteration_seconds[0], 3), "patch_size": c["patch_size"],
@@ -358,22 +366,22 @@ def smoke(key: str, iters: int) -> dict:
 
 
 def full_row(key: str, minutes: float | None, epochs: int | None, mirroring: bool, limit: int | None,
-             iters: int = ITERS_PER_EPOCH) -> dict:
-    """Train (``epochs`` × ``iters``, or as many epochs as ``minutes`` of wall-clock allow at the dataset's
-    measured s/iteration), predict the test cases (the first ``limit``) and score them with our evaluator."""
+             iters: int = ITERS_PER_EPOCH, run: int = 1) -> dict:
+    """Train (``epochs`` × ``iters``, or as many epochs as ``minutes`` of one core allow at the dataset's
+    measured CPU s/iteration), predict the test cases (the first ``limit``) and score them with our evaluator."""
     from label_efficient import provenance
 
     if epochs is None:
         timing = next((r for r in load_rows(RESULTS) if r.get("kind") == "timing" and r["dataset"] == key), None)
         if timing is None or minutes is None:
             raise SystemExit(f"{key}: give --epochs, or --minutes after a `smoke` timing of this dataset")
-        epochs = max(1, round(minutes * 60 / (timing["s_per_iter"] * iters)))
+        epochs = max(1, round(minutes * 60 / (timing.get("cpu_s_per_iter", timing["s_per_iter"]) * iters)))
     t = time.time()
     trained = train(key, epochs, iters)
     pred_dir, pred_s = predict(key, trained.pop("model_folder"), mirroring, limit)
     s = score(key, pred_dir)
     d = DATASETS[key]
-    return {"kind": "row", "dataset": key, "source": d["source"], "labeled": d["flag"], "seed": None,
+    return {"kind": "row", "dataset": key, "source": d["source"], "labeled": d["flag"], "seed": None, "run": run,
             "method": f"nnU-Net v2 {d['configuration']}", "configuration": d["configuration"],
             "trainer": "nnUNetTrainer_Budget", "fold": "all", "checkpoint": "checkpoint_final", "mirroring": mirroring,
             **trained, "planned_minutes": minutes, "predict_seconds": round(pred_s, 1),
@@ -387,12 +395,68 @@ def full_row(key: str, minutes: float | None, epochs: int | None, mirroring: boo
 def save(row: dict | None) -> list[dict]:
     """Merge ``row`` into the rows: a row per dataset and schedule, the latest timing per dataset."""
     return merge_rows(RESULTS, [row], key=lambda r: (r["kind"], r["dataset"]) + (
-        (r["steps"], r.get("mirroring")) if r["kind"] == "row" else ()), sort=lambda r: (r["kind"] != "row", r["dataset"]))
+        (r["steps"], r.get("mirroring"), r.get("run", 1)) if r["kind"] == "row" else ()),
+        sort=lambda r: (r["kind"] != "row", r["dataset"], r.get("steps", 0), r.get("run", 1)))
 
 
 # ---------------------------------------------------------------------------------------------------- RESULTS.md
 def load_results() -> dict:
-    return {"rows": load_rows(RESULTS), "ours": {k: load_rows(p) for k, p in OURS.items()}}
+    return {"rows": load_rows(RESULTS), "ours": {k: load_rows(p) for k, p in OURS.items()},
+            "speed": load_rows(OUR_SPEED)}
+
+
+def our_core_seconds(strategy: str, steps: int, speed: list[dict]) -> float | None:
+    """Seconds of one core for ``steps`` training steps of ours, from the speed rows (Lightning s/step measured
+    alone); BCP: its first third as copy-paste pre-training (timed as ``bcp_pretrain``, else as ``supervised``,
+    which makes the same passes on as many images), the rest as self-training. Validation not included."""
+    s = {r["strategy"]: 1 / r["lightning_its"] for r in speed}
+    if strategy == "bcp" and "bcp" in s:
+        pre = steps // 3
+        pre_s = s.get("bcp_pretrain", s.get("supervised"))
+        return None if pre_s is None else pre * pre_s + (steps - pre) * s["bcp"]
+    return steps * s[strategy] if strategy in s else None
+
+
+def _group_cells(rs: list[dict], dice: str, hd95: str) -> list[str]:
+    d, h = [r[dice] for r in rs], [r[hd95] for r in rs]
+    return [mean_sd(d) or f"{d[0]:.4f}", ", ".join(f"{x:.4f}" for x in d), mean_sd(h, ".2f") or f"{h[0]:.2f}"]
+
+
+def beside_rows(rows: dict) -> tuple[list[list], list[str]]:
+    """The "against nnU-Net" table (nnU-Net's runs, our supervised and BCP seeds at the same labels) and one
+    sentence per budget saying which is ahead."""
+    table, verdicts = [], []
+    runs = [r for r in rows["rows"] if r["kind"] == "row" and r.get("planned_minutes")]
+    for key in DATASETS:
+        nn = [r for r in runs if r["dataset"] == key]
+        if not nn:
+            continue
+        src, flag = DATASETS[key]["source"], DATASETS[key]["flag"]
+        core = statistics.mean(r.get("train_cpu_seconds", r["train_seconds"]) for r in nn)
+        table.append([src, flag, f"nnU-Net v2 {nn[0]['configuration']}", f"{len(nn)} runs", *_group_cells(
+            nn, "mean_dice", "hd95"), f"{nn[0]['steps']} its × batch {nn[0]['batch_size']}",
+            f"{core:.0f} (measured: process CPU time, one thread)", "32-true"])
+        means = {"nnU-Net": statistics.mean(r["mean_dice"] for r in nn)}
+        for strategy in OURS_BESIDE:
+            ours = [r for r in rows["ours"].get(src, []) if r.get("strategy") == strategy and r.get("labeled") == flag
+                    and r.get("schedule", "protocol") == "protocol"]
+            if not ours:
+                continue
+            t = our_core_seconds(strategy, ours[0]["steps"], rows["speed"]) if src == "acdc" else None
+            when = (f"{t:.0f} (steps × s/step alone, this host)" if t is not None else
+                    f"≤ {min(r['train_seconds'] for r in ours):.0f} (recorded, cores shared)")
+            table.append([src, flag, f"ours: {strategy}", "seeds " + ", ".join(str(row_seed(r)) for r in ours),
+                          *_group_cells(ours, "mean_dice", "hd95"), f"{ours[0]['steps']} steps × batch "
+                          + ("12 + 12 unlabelled" if strategy == "bcp" else "12"),
+                          when, ", ".join(dict.fromkeys(precision_cell(r) for r in ours))])
+            means[strategy] = statistics.mean(r["mean_dice"] for r in ours)
+        if "bcp" in means:
+            gap = means["bcp"] - means["nnU-Net"]
+            verdicts.append(f"{src} {flag}: BCP {'beats' if gap > 0 else 'falls short of'} nnU-Net by "
+                            f"{abs(gap):.3f} mean Dice at nnU-Net's budget of {core:.0f} s of one core; "
+                            f"our supervised is {minus(means.get('supervised', float('nan')) - means['nnU-Net'], '.3f')}"
+                            " against nnU-Net.")
+    return table, verdicts
 
 
 def _ours_supervised(ours: list[dict], labeled: str) -> str:
@@ -405,7 +469,19 @@ def section(rows: dict) -> str:
     all_rows = rows["rows"]
     if not all_rows:
         return ""
-    md = ["## nnU-Net v2 beside us (same labelled cases, our evaluator)", "",
+    md = ["## nnU-Net v2 beside us (same labelled cases, our evaluator)", ""]
+    table, verdicts = beside_rows(rows)
+    if table:
+        md += ["### Against nnU-Net at equal time", "",
+               "`python benchmarks/nnunet_baseline.py row --datasets KEY --minutes M --run N`: nnU-Net gets at least "
+               "the time our BCP takes for its protocol (3000 steps, 1000 of them copy-paste pre-training) on one core "
+               "of this host (`results/" + OUR_SPEED.name + "`), planned from its own measured CPU seconds per "
+               "iteration; each nnU-Net run is one draw of its (unseeded) initialisation and sampling. Ours are the "
+               "protocol rows of the tables above (same labelled patients, same 40 test volumes, same evaluator). "
+               "nnU-Net trains in fp32 on the CPU (its autocast is CUDA-only); ours at `precision: auto`.", "",
+               md_table(["data", "labelled", "method", "runs", "mean Dice (mean ± s.d.)", "per run", "HD95",
+                         "schedule", "time on one core, s", "precision"], table), "", *verdicts, ""]
+    md += [
           "`python benchmarks/nnunet_baseline.py row --datasets KEY --minutes M` (rows in `results/nnunet_baseline.json`; "
           "the script's docstring gives the conversion and protocol): nnU-Net's own plans, preprocessing, "
           "augmentation and network trained on exactly our labelled cases (fold `all`) on the CPU in fp32 with one "
@@ -414,9 +490,11 @@ def section(rows: dict) -> str:
           "evaluator against our labels (ACDC per volume at each slice's own size, HD95 in pixels; LA HD95 in mm).", ""]
     full = [r for r in all_rows if r["kind"] == "row"]
     if full:
-        md += [md_table(["data", "labelled", "configuration", "mean Dice", "HD95", "epochs × iters", "batch", "patch",
+        md += [md_table(["data", "labelled", "configuration", "run", "mean Dice", "HD95", "epochs × iters", "batch",
+                         "patch",
                          "train s", "predict s", "cases", "precision", "ours: supervised, same labels"],
-                        [[r["source"], r["labeled"], r["configuration"], f"{r['mean_dice']:.4f}", f"{r['hd95']:.2f}",
+                        [[r["source"], r["labeled"], r["configuration"], r.get("run", 1), f"{r['mean_dice']:.4f}",
+                          f"{r['hd95']:.2f}",
                           f"{r['epochs']} × {r['iters_per_epoch']}", r["batch_size"],
                           "×".join(map(str, r["patch_size"])), f"{r['train_seconds']:.0f}",
                           f"{r['predict_seconds']:.0f}", f"{r['num_cases']}/{r['of_cases']}", r["precision"],
@@ -444,7 +522,8 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--iters", type=int, help=f"smoke: training iterations to time (default 6); row: iterations per "
                                               f"epoch (default {ITERS_PER_EPOCH})")
-    ap.add_argument("--minutes", type=float, help="row: wall-clock training budget (needs a smoke timing)")
+    ap.add_argument("--minutes", type=float, help="row: training budget in minutes of one core (needs a smoke timing)")
+    ap.add_argument("--run", type=int, default=1, help="row: the repeat's number (a second run of a row: --run 2)")
     ap.add_argument("--epochs", type=int, help=f"row: epochs of {ITERS_PER_EPOCH} iterations (instead of --minutes)")
     ap.add_argument("--no-mirroring", action="store_true", help="row: predict without mirroring TTA")
     ap.add_argument("--max-test", type=int, help="row: score only the first N test cases (a check of the pipeline: "
@@ -462,7 +541,8 @@ def main() -> None:
             plan(key)
         else:
             row = smoke(key, args.iters or 6) if args.command == "smoke" else full_row(
-                key, args.minutes, args.epochs, not args.no_mirroring, args.max_test, args.iters or ITERS_PER_EPOCH)
+                key, args.minutes, args.epochs, not args.no_mirroring, args.max_test, args.iters or ITERS_PER_EPOCH,
+                args.run)
             print(json.dumps({k: v for k, v in row.items() if k != "provenance"}), flush=True)
             if args.max_test:
                 (NNUNET / f"check_{key}.json").write_text(json.dumps(row, indent=2) + "\n")
