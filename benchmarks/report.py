@@ -60,7 +60,9 @@ HEADER = (
     "been re-made): every CUTS row (persistent levels and patch SSIM now as the official code), the `pretrained` rows "
     "of the contrastive table (set-2 anchors, stage-2 batch statistics, bias-free g2), every `upl_sfda` and "
     "`bn_sfda+upl_sfda` row (largest component with face connectivity) and every `dsaif` row (separate labelled / "
-    "unlabelled passes, γ per view inside the filter, rotation of filtered pairs, floor quantisation). Behaviour-"
+    "unlabelled passes, γ per view inside the filter, rotation of filtered pairs, floor quantisation); and every "
+    "SDC-UDA row (generator now the official `Generator_shallow`: full-resolution skip, depthwise-separable MLP, "
+    "bias-free attention, no extra LayerNorms; fixed 2026-12-02 in a later session). Behaviour-"
     "preserving refactors (shared EMA, replay pool, Dice) were checked bit-identical and leave the other rows valid.\n"
 )
 

@@ -49,6 +49,23 @@ def test_generator_slice_continuity_comes_from_inter_slice_attention():
         assert not torch.allclose(out[0], out2[0])
 
 
+#: sum of the parameter sizes of the official ``Generator_shallow(1, 1, args)`` (hyeongyu-kim/SDC-UDA@61926e8,
+#: models/SDC_UDA.py: width 32, dims 128, 4 layers, 8 heads, ff ×4, reduction 2), counted with its own code
+OFFICIAL_GENERATOR_PARAMETERS = 2_931_361
+
+
+def test_generator_has_the_official_layers_and_a_full_resolution_skip():
+    g = SliceGenerator(1, width=32, dim=128, blocks=4, heads=8, mlp_ratio=4, reduction=2)
+    assert sum(p.numel() for p in g.parameters()) == OFFICIAL_GENERATOR_PARAMETERS
+    attentions = [m for m in g.modules() if isinstance(m, SliceAttention)]
+    assert len(attentions) == 4
+    assert all(p.bias is None for a in attentions for p in (a.q_intra, a.kv_intra, a.qkv_inter, a.proj))
+    small, seen = SliceGenerator(1, width=4, dim=8, blocks=1, heads=2), {}
+    small.fuse.register_forward_hook(lambda m, inp, out: seen.update(fuse=inp[0].shape))
+    small(torch.randn(3, 1, 16, 20))
+    assert seen["fuse"] == (3, 8, 16, 20)  # up-sampled features + the stem output, at the input's own size
+
+
 def test_intra_slice_attention_sees_other_positions_of_its_slice():
     torch.manual_seed(0)
     attn = SliceAttention(8, heads=2, reduction=2, inter_slice=False).eval()

@@ -5,10 +5,12 @@ target label is ever read. Three stages, in a recipe (``recipes/acdc_sdc_uda.yam
 
 Stage 1, ``sdc_uda_translate`` (official code, tag C). Per step, one 3-slice slab a from the source and b from the
 target (``Stream.slab``; each slab min–max scaled to [-1, 1]; the slab's slices are the generator's batch axis):
-  1. G_AB, G_BA: per-slice CNN (7×7 conv, two 3×3 convs, stride-2 conv) → overlapping patch embedding (k3, s2) →
-     transformer blocks whose attention is *intra-slice* (over the positions of a slice, keys/values spatially reduced
-     ×2) + *inter-slice* (over the slab's slices at each position), summed → MLP with a depthwise conv → decoder
-     (transposed convs, skip-concat with the level-1 features, 7×7 conv → 1×1 conv → tanh).
+  1. G_AB, G_BA (:class:`~..networks.slice_transformer.SliceGenerator`, the official ``Generator_shallow``):
+     per-slice CNN (7×7 conv, two 3×3 convs at full resolution, stride-2 conv) → overlapping patch embedding (k3, s2)
+     → transformer blocks whose bias-free attention is *intra-slice* (over the positions of a slice, keys/values
+     spatially reduced ×2) + *inter-slice* (over the slab's slices at each position), summed → MLP with a
+     depthwise-separable conv → decoder (two transposed convs back to full resolution, skip-concat with the
+     full-resolution stem output, two 3×3 convs, 7×7 conv → 1×1 conv → tanh).
   2. Generator step: L_G = Σ_dirs softplus(−D(G(x))) + 3·L1(cycle) + 1·L1(identity); then the EMA copies
      (decay 0.5^(32/10000)).
   3. Discriminator step: softplus(−D(real)) + softplus(D(fake)), fakes from a 50-slab history pool; every 12th
