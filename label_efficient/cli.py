@@ -75,9 +75,12 @@ def _cmd_evaluate(args) -> int:
     if args.protocol == "ssl4mis":
         if ctx.spec.spatial_dims != 2:
             raise RecipeError("--protocol ssl4mis is the published 2D (ACDC) test; this dataset is 3D")
+        # slices zoomed to the size the model trained at (the published test: its 256² training size)
+        size = tuple(ctx.cfg.image_size or (256, 256))
         metrics = evaluate_ssl4mis(model, vols, ctx.spec.num_classes, ctx.spec.class_names,
-                                   [m for m in ev.metrics if m != "assd"], intensity=ctx.spec.intensity,
-                                   image_remap=ctx.spec.image_remap)
+                                   [m for m in ev.metrics if m != "assd"], patch_size=size,
+                                   intensity=ctx.spec.intensity, image_remap=ctx.spec.image_remap)
+        metrics["ssl4mis_patch_size"] = list(size)
     else:
         metrics = evaluate(model, vols, ctx.spec.num_classes, ctx.spec.class_names, ctx.spec.spatial_dims, ev.metrics,
                            roi_size=ctx.cfg.patch_size, overlap=ev.sw_overlap, empty=ev.empty)

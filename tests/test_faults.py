@@ -380,6 +380,15 @@ def test_evaluate_rescores_a_run_folder_and_never_writes_over_its_inputs(referen
     assert (ref / "model.pt").read_bytes() == before
 
 
+def test_evaluate_rescores_a_run_folder_under_the_ssl4mis_protocol_at_its_training_size(reference, tmp_path):
+    recipe, ref, _ = reference
+    assert main(["evaluate", str(ref), "--protocol", "ssl4mis", "--output", str(tmp_path / "ssl4mis.json")]) == 0
+    out = json.loads((tmp_path / "ssl4mis.json").read_text())
+    assert out["protocol"] == "ssl4mis" and out["ssl4mis_patch_size"] == [32, 32]  # the recipe's image_size
+    assert 0.0 <= out["mean_dice"] <= 1.0 and out["empty_cases"]["rule"] == "ssl4mis"
+    assert out["num_cases"] == json.loads((ref / "metrics.json").read_text())["num_cases"]
+
+
 def test_unexpected_errors_keep_their_traceback(image_folder, monkeypatch, tmp_path):
     import label_efficient.runner as runner
 
