@@ -782,10 +782,10 @@ def main():
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     rows = {r["strategy"]: r for r in load_rows(results)}
-    for name in args.strategies:
+    for name in args.strategies:  # saved after each strategy: an interrupted run keeps what it measured
         rows[name] = measure(name, args)
         print(json.dumps(rows[name]), flush=True)
-    write_json(results, [rows[k] for k in RAW if k in rows])
+        write_json(results, [rows[k] for k in RAW if k in rows])
 
 
 if __name__ == "__main__":
