@@ -62,8 +62,8 @@ def test_raw_lightning_and_plain_loop_run(speed, name):
 
 
 def test_section_reads_old_rows_and_lists_raw_passes(speed):
-    old = speed.load_results()
-    assert old and speed.section(old).startswith("## Step time")
+    old = {f: rows for f, rows in speed.load_results().items() if not any("raw_passes" in r for r in rows)}
+    assert old and speed.section(old).startswith("## Step time")  # rows made before raw_passes was recorded
     assert "Raw loops" not in speed.section(old)
     row = {**next(r for rows in old.values() for r in rows), "strategy": "cuts", "batch_desc": "2 unlabelled",
            "raw_passes": "the embedding pass"}
