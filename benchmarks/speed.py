@@ -19,7 +19,7 @@ import resource
 import statistics
 import time
 
-from common import RESULTS_DIR, load_rows, md_table, write_json
+from common import RESULTS_DIR, ROOT, load_rows, md_table, write_json
 
 
 def batches(n: int, size: int, nl: int, nu: int, streams=("labeled", "unlabeled"), options: dict | None = None,
@@ -98,6 +98,21 @@ OPTIMIZERS = {"adamw": dict(name="adamw", lr=3e-3, weight_decay=0.01),
 NEEDS_BACKBONE = {"contrastive_global": "basic_unet", "contrastive_local": "basic_unet"}
 #: (spatial dims, classes) of a strategy's network where it is not 2D ACDC's (DeSCO: 3D LA)
 SHAPE = {"desco": (3, 2)}
+#: adversarial strategies stepped with their shipped recipe's optimizers (Adam, GAN betas) instead of
+#: ``--optimizer``: under one SGD 0.01 for all networks CycleGAN's generator loss goes NaN
+OWN_RECIPE = {"cyclegan_pseudo_labels": "polyp_cyclegan_pl.yaml", "sdc_uda_translate": "polyp_sdc_uda.yaml"}
+
+
+def own_optimizers(name: str) -> dict:
+    """``{optimizer name: OptimizerConfig}`` of strategy ``name``'s stage in its ``OWN_RECIPE`` (schedule constant,
+    as every timed loop), or ``{}``."""
+    from label_efficient.recipe import load_recipe
+
+    if name not in OWN_RECIPE:
+        return {}
+    recipe = load_recipe(ROOT / "recipes" / OWN_RECIPE[name])
+    i = next(i for i, st in enumerate(recipe.stages) if st.strategy == name)
+    return {k: c.model_copy(update={"schedule": "constant"}) for k, c in recipe.stage_optimizers(i).items()}
 
 
 def model(dims: int = 2, classes: int = 4, backbone: str | None = None):
@@ -126,14 +141,21 @@ def build(name: str, steps: int):
     config = {"gan_steps": steps} if name == "cyclegan_pseudo_labels" else {}
     strategy = cls(model(dims, classes, backbone_of(name)), classes, config, in_channels=1, spatial_dims=dims)
     cfg = OptimizerConfig(**OPTIMIZERS[OPTIMIZER], schedule="constant")
-    return strategy, ({n: cfg for n in cls.requires.optimizers} or cfg)
+    return strategy, (own_optimizers(name) or {n: cfg for n in cls.requires.optimizers} or cfg)
 
 
-def _optimizer(params):
+def _optimizer(params, cfg=None):
+    """The torch optimizer of ``cfg`` (an ``OptimizerConfig``; default: ``--optimizer``'s), built by hand."""
     import torch
 
-    kw = dict(OPTIMIZERS[OPTIMIZER])
-    return (torch.optim.SGD if kw.pop("name") == "sgd" else torch.optim.AdamW)(params, **kw)
+    kw = dict(OPTIMIZERS[OPTIMIZER]) if cfg is None else cfg.model_dump(include={"name", "lr", "momentum",
+                                                                                  "weight_decay", "betas"})
+    name = kw.pop("name")
+    if name == "sgd":
+        kw.pop("betas", None)
+        return torch.optim.SGD(params, **kw)
+    kw.pop("momentum", None)
+    return (torch.optim.Adam if name == "adam" else torch.optim.AdamW)(params, **kw)
 
 
 def _timed(data, steps, step) -> float:
@@ -330,8 +352,9 @@ def raw_cyclegan(data, steps):
     g_i = BasicUNet(2, k, 1, features=tuple(c.generator_features)).train()
     d_x, d_m = PatchDiscriminator(1, c.discriminator_width, c.patch_layers), VAEDiscriminator(k, c.discriminator_width,
                                                                                              c.latent)
-    opt_g = _optimizer([*g_s.parameters(), *g_i.parameters()])
-    opt_d = _optimizer([*d_x.parameters(), *d_m.parameters()])
+    own = own_optimizers("cyclegan_pseudo_labels")
+    opt_g = _optimizer([*g_s.parameters(), *g_i.parameters()], own["generators"])
+    opt_d = _optimizer([*d_x.parameters(), *d_m.parameters()], own["discriminators"])
 
     def step(i, b):
         x = b["unlabeled"]["image"]
@@ -574,8 +597,9 @@ def raw_sdc_uda_translate(data, steps):
     make = lambda: SliceGenerator(1, c.width, c.dim, c.blocks, c.heads, c.mlp_ratio, c.reduction, c.inter_slice)
     g_ab, g_ba, d_a, d_b = make(), make(), SliceDiscriminator(1, c.disc_width), SliceDiscriminator(1, c.disc_width)
     emas = [(copy.deepcopy(g).requires_grad_(False), g) for g in (g_ab, g_ba)]
-    opt_g = _optimizer([*g_ab.parameters(), *g_ba.parameters()])
-    opt_d = _optimizer([*d_a.parameters(), *d_b.parameters()])
+    own = own_optimizers("sdc_uda_translate")
+    opt_g = _optimizer([*g_ab.parameters(), *g_ba.parameters()], own["generator"])
+    opt_d = _optimizer([*d_a.parameters(), *d_b.parameters()], own["discriminator"])
     slab = lambda x: (lambda s: (s - s.min()) / (s.max() - s.min()).clamp_min(1e-8) * 2 - 1)(x[0][:, None])
 
     def disc(d, real, fake, r1):
@@ -631,13 +655,14 @@ def raw_sdc_uda_self_train(data, steps):
 def strategy_loop(name, data, steps):
     """The strategy object in a plain loop (``base.py``'s contract): one optimizer stepped by the loop, or the
     strategy's named optimizers bound and stepped inside ``training_step``."""
-    s, _ = build(name, steps)
+    s, cfgs = build(name, steps)
     s.setup(steps + 1)  # one more than timed: CycleGAN needs steps after its Stage A
     s.train()
     params = s.trainable_parameters()
     opt = None if isinstance(params, dict) else _optimizer(params)
     if opt is None:
-        s.bind_optimizers({k: _optimizer(list(p)) for k, p in params.items()})
+        s.bind_optimizers({k: _optimizer(list(p), cfgs[k] if isinstance(cfgs, dict) else None)
+                           for k, p in params.items()})
 
     def step(i, b):
         with _autocast():

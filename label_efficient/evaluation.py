@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.loaders import EvalVolume
-from .utils import fault_point
+from .utils import class_map, fault_point
 
 METRICS = ("dice", "iou", "hd95", "asd", "assd")
 _DISTANCES = ("hd95", "asd", "assd")
@@ -84,10 +84,10 @@ def predict_volume(predict: Callable[[torch.Tensor], torch.Tensor], volume: Eval
     logits = volume_logits(predict, volume.image, spatial_dims, roi_size, batch_size, overlap, device, multiple)
     if spatial_dims == 3:  # on the training grid; mapped back to the file's own grid when it was resampled
         to_native = getattr(volume, "to_native", None)
-        return to_native(logits[0]) if to_native is not None else logits.argmax(1)[0].numpy()
+        return to_native(logits[0]) if to_native is not None else class_map(logits)[0].numpy()
     if tuple(logits.shape[2:]) != tuple(volume.size):
         logits = F.interpolate(logits, size=tuple(volume.size), mode="bilinear", align_corners=False)
-    return logits.argmax(1).numpy()
+    return class_map(logits).numpy()
 
 
 def flip_consistency(predict: Callable[[torch.Tensor], torch.Tensor], volume: EvalVolume, spatial_dims: int,
@@ -311,7 +311,7 @@ def ssl4mis_predict_volume(predict: Callable[[torch.Tensor], torch.Tensor], slic
     out = np.zeros((z, x, y), np.int64)
     for z0 in range(0, z, batch_size):
         logits = predict(torch.from_numpy(small[z0 : z0 + batch_size]).float().to(device))
-        labels = torch.softmax(logits.float(), dim=1).argmax(1).cpu().numpy()
+        labels = class_map(torch.softmax(logits.float(), dim=1)).cpu().numpy()
         for k, lab in enumerate(labels):
             big = zoom(lab, (x / px, y / py), order=0)
             if big.shape != (x, y):

@@ -54,6 +54,32 @@ def test_region_loss_weights_land_on_the_right_pixels():
     assert region_loss(logits, target, m, 0.5, 0.0).item() == pytest.approx(0.5 * full)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_region_loss_equals_two_weighted_calls_per_region(autocast):
+    """The fused loss (one CE, softmax and one-hot for both regions) gives the values and gradients of the
+    ``weighted_ce`` + ``weighted_dice`` form its rows were made with, in fp32 and under bf16 autocast."""
+    from label_efficient.losses import weighted_ce, weighted_dice
+
+    def two_calls(logits, target, mask, w_out, w_in):
+        m = mask.unsqueeze(0).expand_as(target).to(logits.dtype)
+        return sum(w * (weighted_ce(logits, target, r) + weighted_dice(logits, target, r, True))
+                   for r, w in ((m, w_out), (1 - m, w_in))) / 2
+
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    x, target = torch.randn(2, 1, 24, 24), torch.randint(0, 4, (2, 24, 24))
+    m = box_mask((24, 24), 2 / 3, generator=torch.Generator().manual_seed(2))
+    results = []
+    for fn in (region_loss, two_calls):
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(conv(x), target, m, 0.5, 1.0)
+        loss.backward()
+        results.append((loss.detach(), conv.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
+
+
 def test_largest_component_per_class():
     lab = torch.zeros(1, 10, 10, dtype=torch.long)
     lab[0, 0:2, 0:2] = 1  # small blob of class 1

@@ -304,3 +304,16 @@ def test_ssl4mis_protocol_reproduces_test_single_volume():
         assert out["cases"][vol.id]["dice"]["RV"] > 0.05  # a non-trivial prediction
     with pytest.raises(ValueError, match="do not match"):
         evaluate_ssl4mis(_intensity_net, vols[:1], 4, names, load_slices=lambda v: np.zeros((1, 1, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 9, 11), (2, 3, 5, 6, 7), (3, 5)])
+def test_class_map_is_argmax_over_classes(shape):
+    """The channels-last argmax gives ``argmax(1)`` exactly, ties (whole-class plateaus, bf16 rounding) included."""
+    from label_efficient.utils import class_map
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    tied = torch.zeros(shape)
+    tied[:, 1:3] = 1.0
+    for t in (x, x.bfloat16(), tied, x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x):
+        assert torch.equal(class_map(t), t.argmax(1))

@@ -205,3 +205,33 @@ def test_acdc_mean_teacher_recipe_decays_the_lr_as_ssl4mis():
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "acdc_mean_teacher.yaml")
     opt = recipe.stages[0].optimizer
     assert (opt.name, opt.lr, opt.schedule, opt.poly_power) == ("sgd", 0.01, "poly", 0.9)
+
+
+def test_module_logs_only_the_steps_lightning_writes_and_the_same_values(tmp_path, monkeypatch):
+    """``StrategyModule`` calls ``self.log`` only where Lightning writes (every ``log_every_n_steps``): the CSV log
+    equals the one from logging every step."""
+    import csv
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from label_efficient.lightning import StrategyModule
+    from label_efficient.recipe import OptimizerConfig
+
+    batches = [{"labeled": disc_batch(2, seed)} for seed in range(8)]
+
+    def fit(name):
+        torch.manual_seed(0)
+        s = build_strategy("supervised", build_backbone("unet", 2, 1, 3, channels=[4, 8]), 3)
+        module = StrategyModule(s, OptimizerConfig(name="adam", lr=1e-3), 8)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=8, logger=CSVLogger(tmp_path, name=name),
+                             log_every_n_steps=3, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        with open(next((tmp_path / name).rglob("metrics.csv"))) as f:
+            return list(csv.DictReader(f))
+
+    gated = fit("gated")
+    monkeypatch.setattr(StrategyModule, "_writes_logs", lambda self: True)
+    every = fit("every")
+    assert [r["step"] for r in gated] == ["2", "5"] and gated == every

@@ -16,9 +16,11 @@ denominator: set ``squared_dice: false`` for its denominator).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ..losses import weighted_ce, weighted_dice
+from ..losses import dice_loss
 from ..transforms.components import log_cleaning, largest_component_labels
+from ..utils import class_map
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .requirements import Requirements
 from .ema import ema_update, make_teacher
@@ -45,11 +47,18 @@ def copy_paste(outside: torch.Tensor, inside: torch.Tensor, mask: torch.Tensor) 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, w_outside: float, w_inside: float,
                 squared: bool = True) -> torch.Tensor:
-    """½[w_out·(CE_M + Dice_M) + w_in·(CE_{1−M} + Dice_{1−M})] — BCP's ``mix_loss``."""
+    """½[w_out·(CE_M + Dice_M) + w_in·(CE_{1−M} + Dice_{1−M})] — BCP's ``mix_loss``. The per-pixel CE, the softmax
+    and the one-hot target are computed once for both regions: the values of ``weighted_ce`` + ``weighted_dice`` per
+    region, with half their passes."""
     m = mask.unsqueeze(0).expand_as(target).to(logits.dtype)
+    ce = F.cross_entropy(logits, target, reduction="none")
+    probs = logits.softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
     loss = 0.0
     for region, w in ((m, w_outside), (1 - m, w_inside)):
-        loss = loss + w * (weighted_ce(logits, target, region) + weighted_dice(logits, target, region, squared))
+        ce_region = (ce * region).sum() / region.sum().clamp_min(1e-8)
+        dice = dice_loss(probs, onehot, region.unsqueeze(1).to(probs.dtype), squared=squared, smooth=1e-5)
+        loss = loss + w * (ce_region + dice)
     return loss / 2
 
 
@@ -103,7 +112,7 @@ class BCP(Strategy):
     @torch.no_grad()
     def pseudo_label(self, x: torch.Tensor) -> torch.Tensor:
         self.teacher.train(not self.config.teacher_eval_mode)
-        labels = self.teacher(x).argmax(1)
+        labels = class_map(self.teacher(x))
         return largest_component_labels(labels, self.num_classes) if self.config.largest_component else labels
 
     def training_step(self, batch, step):

@@ -50,6 +50,7 @@ from scipy import ndimage
 from ..losses import noise_weighted_dice
 from ..networks.gan import MaskGenerator, PatchDiscriminator, VAEDiscriminator
 from ..transforms.components import largest_component_labels
+from ..utils import class_map
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .requirements import Requirements
 from .ema import ema_update, make_teacher
@@ -222,7 +223,7 @@ class CycleGANPseudoLabels(Strategy):
         else:
             probs = self.teacher.eval()(x).float().softmax(1)
         c = self.config
-        return clean_labels(probs.argmax(1), self.num_classes, c.largest_component, c.fill_holes), probs
+        return clean_labels(class_map(probs), self.num_classes, c.largest_component, c.fill_holes), probs
 
     def _enter_round(self, r: int) -> None:
         """At a round's first step: S_{r−1} becomes the label source unless the labels stopped changing."""
@@ -256,7 +257,7 @@ class CycleGANPseudoLabels(Strategy):
         loss = noise_weighted_dice(probs, onehot, w, c.smooth)
         self.optimizer_step("segmenter", loss)
         ema_update(self.ema, self.model, c.ema_decay)
-        mine = clean_labels(logits.detach().argmax(1), self.num_classes, c.largest_component, c.fill_holes)
+        mine = clean_labels(class_map(logits.detach()), self.num_classes, c.largest_component, c.fill_holes)
         change = 1 - dice_overlap(mine, y, self.num_classes)
         self.change.mul_(0.9).add_(0.1 * change)
         logs = {"round": float(r), "label_round": float(self.label_round), "fg_fraction": float((y > 0).float().mean()),

@@ -35,6 +35,7 @@ import torch
 from ..data.readers import DataError
 from ..losses import sample_weighted_ce, sigmoid_rampup, weighted_dice
 from ..transforms.propagation import SlicePropagator
+from ..utils import class_map
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .ema import reinitialised
 from .requirements import Requirements
@@ -132,7 +133,7 @@ class DeSCO(Strategy):
     def cross_pseudo_label(self, net: torch.nn.Module, u: torch.Tensor, tau: float):
         """(ŷ = argmax net(u), m = [H(mean over T noisy passes) < τ])."""
         c = self.config
-        pseudo = net(u).argmax(1)
+        pseudo = class_map(net(u))
         noisy = u.repeat(c.mc_passes, *([1] * (u.ndim - 1)))
         noisy = noisy + (torch.randn_like(noisy) * c.noise_std).clamp(-c.noise_clip, c.noise_clip)
         probs = net(noisy).softmax(1).unflatten(0, (c.mc_passes, u.shape[0])).mean(0)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..losses import ce_dice, sigmoid_rampup, supervised_loss
 from ..transforms.rotate import rotate_quarter, rotation_dims
 from ..transforms.tree_filter import TreeViews
-from ..utils import mean_probs_as_logits
+from ..utils import class_map, mean_probs_as_logits
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .ema import reinitialised
 from .requirements import Requirements
@@ -142,7 +142,7 @@ class DSAIF(Strategy):
         logits2 = rotate_quarter(torch.cat([self.model2(b[:n_l]), self.model2(b[n_l:])]), -k % 4, dims)  # common frame
         loss_s1 = supervised_loss(self.loss_fn, logits1[:n_l], lab["label"])
         loss_s2 = supervised_loss(self.loss_fn, logits2[:n_l], lab["label"])
-        y1, y2 = logits1[n_l:].detach().argmax(1), logits2[n_l:].detach().argmax(1)
+        y1, y2 = class_map(logits1[n_l:].detach()), class_map(logits2[n_l:].detach())
         cps1 = F.cross_entropy(logits1[n_l:], y2)
         cps2 = F.cross_entropy(logits2[n_l:], y1)
         lam = self.lam(step)

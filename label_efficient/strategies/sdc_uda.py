@@ -52,6 +52,7 @@ from torch import nn
 
 from ..losses import ce_dice, supervised_loss
 from ..networks.slice_transformer import SliceDiscriminator, SliceGenerator
+from ..utils import class_map
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
 from .ema import ema_update, make_teacher
 from .replay import ImagePool
@@ -201,7 +202,7 @@ def refine_pseudo_labels(intensity: torch.Tensor, probs: torch.Tensor, threshold
     num_classes = probs.shape[1]
     uncertainty = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1) / math.log(num_classes)
     confident = uncertainty <= threshold
-    pseudo = probs.argmax(1)
+    pseudo = class_map(probs)
     label, changed = pseudo.clone(), torch.zeros_like(confident)
     pool = F.max_pool2d if probs.ndim == 4 else F.max_pool3d
     q = torch.tensor(quantiles, dtype=intensity.dtype, device=intensity.device)
