@@ -5,7 +5,7 @@ import torch
 from label_efficient.backbones import build_backbone
 from label_efficient.strategies import BCP, BCPPretrain
 from label_efficient.strategies.bcp import box_mask, copy_paste, region_loss
-from label_efficient.transforms.components import largest_component_labels
+from label_efficient.transforms.components import largest_component_labels, largest_component_mask
 
 from test_strategies import disc_batch, plain_loop
 
@@ -109,6 +109,10 @@ def test_batched_largest_component_matches_reference(shape, classes):
         labels = rng.integers(0, classes, shape) * (rng.random(shape) < 0.6)
         got = largest_component_labels(torch.from_numpy(labels), classes).numpy()
         assert np.array_equal(got, _reference_lcc(labels, classes)), trial
+        # the one-hot route (the one other devices take) agrees with the CPU's label-map route
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(labels), classes).movedim(-1, 1)[:, 1:]
+        ids = torch.arange(1, classes).view(1, -1, *[1] * (labels.ndim - 1))
+        assert np.array_equal((largest_component_mask(onehot) * ids).sum(1).numpy(), got), trial
     empty = torch.zeros(2, 8, 8, dtype=torch.long)
     assert largest_component_labels(empty, 4).sum() == 0
 
