@@ -725,16 +725,16 @@ def load_results() -> dict:
 
 
 def section(rows: dict) -> str:
-    speed = [r for f in rows.values() for r in f]
+    speed = [(name, r) for name, f in rows.items() for r in f]
     if not speed:
         return ""
-    spread = max(abs(x / statistics.median(v) - 1) for r in speed for v in r["repeats"].values() for x in v)
-    table = md_table(["strategy", "backbone", "batch", "precision", "threads", "raw it/s", "Lightning it/s",
-                      "Lightning s/it", "overhead", "plain-loop it/s", "peak RSS MB"],
-                     [[r["strategy"], r.get("backbone", "unet"), _batch_cell(r),
+    spread = max(abs(x / statistics.median(v) - 1) for _, r in speed for v in r["repeats"].values() for x in v)
+    table = md_table(["rows file", "commit", "strategy", "backbone", "batch", "precision", "threads", "raw it/s",
+                      "Lightning it/s", "Lightning s/it", "overhead", "plain-loop it/s", "peak RSS MB"],
+                     [[f"`{name}`", r.get("commit", "—")[:7], r["strategy"], r.get("backbone", "unet"), _batch_cell(r),
                        r.get("precision", "bf16-mixed"), r["threads"], f"{r['raw_its']:.2f}", f"{r['lightning_its']:.2f}",
                        f"{1 / r['lightning_its']:.2f}", f"{r['overhead_pct']:+.1f} %", f"{r['strategy_loop_its']:.2f}",
-                       f"{r['peak_rss_mb']:.0f}"] for r in speed])
+                       f"{r['peak_rss_mb']:.0f}"] for name, r in speed])
     return "\n".join([
         "## Step time against a raw PyTorch loop", "",
         "`python benchmarks/speed.py [--backbone basic_unet --batch 12 --optimizer sgd --strategies bcp --out "
@@ -742,8 +742,9 @@ def section(rows: dict) -> str:
         f"repeats (raw, Lightning, plain loop, raw, …; in these rows one repeat lies up to {100 * spread:.0f} % from "
         "its median). The raw loop is hand-written PyTorch doing the same network passes (for BCP: only the teacher "
         "and student passes, so the overhead includes box masks, mixing and connected-component cleaning). Lightning = "
-        "our `StrategyModule` in a `Trainer`; plain loop = the strategy object in a 10-line loop.", "", table, "",
-        *_passes(speed)])
+        "our `StrategyModule` in a `Trainer`; plain loop = the strategy object in a 10-line loop. A row without a "
+        "commit was measured before rows recorded theirs, on older code.", "", table, "",
+        *_passes([r for _, r in speed])])
 
 
 def _batch_cell(r: dict) -> str:
@@ -753,7 +754,8 @@ def _batch_cell(r: dict) -> str:
 
 def _passes(speed: list[dict]) -> list[str]:
     """What each row's raw loop does and leaves out (rows that record it)."""
-    notes = [f"- `{r['strategy']}`: {r['raw_passes']}" for r in speed if r.get("raw_passes")]
+    latest = {r["strategy"]: r["raw_passes"] for r in speed if r.get("raw_passes")}  # one line a strategy
+    notes = [f"- `{name}`: {passes}" for name, passes in latest.items()]
     return ["Raw loops (each row's `raw_passes`):", "", *notes, ""] if notes else []
 
 
@@ -768,13 +770,18 @@ def measure(name: str, args) -> dict:
         its["loop"].append(strategy_loop(name, data, args.steps))
     # Medians: on this 2-core VM one 100-step measurement moves by up to ±20 %, and a best-of picks outliers.
     r, lt, sl = (statistics.median(its[k]) for k in ("raw", "lightning", "loop"))
+    from label_efficient.provenance import cpu_info, git_state
+
+    cpu = cpu_info()
+    flags = sorted(f for f, on in cpu["flags"].items() if on)
     return {"strategy": name, "raw_its": r, "lightning_its": lt, "strategy_loop_its": sl,
             "overhead_pct": 100 * (r / lt - 1), "loop_overhead_pct": 100 * (r / sl - 1),
             "threads": args.threads, "steps": args.steps, "statistic": "median", "precision": PRECISION,
             "backbone": backbone_of(name), "batch": args.batch, "batch_desc": desc, "size": args.size,
             "optimizer": OPTIMIZER, "raw_passes": " ".join(RAW[name].__doc__.split()),
             "repeats": {k: [round(x, 3) for x in v] for k, v in its.items()},
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **(git_state() or {}), "cpu_model": cpu["model"], "cpu_flags": flags}
 
 
 def main():
