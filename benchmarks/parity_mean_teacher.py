@@ -438,11 +438,12 @@ def load_results() -> list[dict]:
 
 def _cells(rs: list[dict]) -> list[str]:
     d, h = [r["mean_dice"] for r in rs], [r["hd95"] for r in rs]
-    med = [r["s_per_iter"] for r in rs if r.get("s_per_iter") is not None]
+    timed = [r for r in rs if not r.get("timing_note")]  # a run paused or sharing its core is not a speed figure
+    med = [r["s_per_iter"] for r in timed if r.get("s_per_iter") is not None]
     return [", ".join(str(r["seed"]) for r in rs), mean_sd(d) or f"{d[0]:.4f}", ", ".join(f"{x:.4f}" for x in d),
             mean_sd([r["last_mean_dice"] for r in rs]) or f"{rs[0]['last_mean_dice']:.4f}",
-            mean_sd(h, ".2f") or f"{h[0]:.2f}", f"{statistics.median(med):.2f}" if med else "n/a",
-            f"{statistics.mean(r['s_per_iter_mean'] for r in rs):.2f}"]
+            mean_sd(h, ".2f") or f"{h[0]:.2f}", f"{statistics.median(med):.2f}" if med else ("n/a" if timed else "n/r"),
+            f"{statistics.mean(r['s_per_iter_mean'] for r in timed):.2f}" if timed else "n/r"]
 
 
 def section(rows: list[dict]) -> str:
@@ -468,7 +469,8 @@ def section(rows: list[dict]) -> str:
         "(validation included; ours: train seconds / steps).", "",
         md_table(["code", "labelled", "patch", "iterations", "seeds", "mean Dice (mean ± s.d.)", "per seed",
                   "last-weights Dice", "HD95 (px)", "s/iter (median)", "s/iter (mean)", "precision", "command"],
-                 table), ""])
+                 table), "",
+        *[f"- n/r, {r['code']} seed {r['seed']}: {r['timing_note']}" for r in rows if r.get("timing_note")], ""])
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
