@@ -25,10 +25,16 @@ def _largest_scipy(mask: torch.Tensor, connectivity: Connectivity = "full") -> t
     structure = ndimage.generate_binary_structure(arr.ndim - 2, arr.ndim - 2 if connectivity == "full" else 1)
     for n in range(arr.shape[0]):
         for c in range(arr.shape[1]):
-            comp, k = ndimage.label(arr[n, c], structure)
-            if k:
-                out[n, c] = comp == 1 + int(np.bincount(comp.ravel())[1:].argmax())
+            kept = _largest_in(arr[n, c], structure)
+            if kept is not None:
+                out[n, c] = kept
     return torch.from_numpy(out).to(mask.device, mask.dtype)
+
+
+def _largest_in(image: np.ndarray, structure: np.ndarray) -> np.ndarray | None:
+    """The largest component of one boolean image (ties: the first in raster order), or None when it is empty."""
+    comp, k = ndimage.label(image, structure)
+    return comp == 1 + int(np.bincount(comp.ravel())[1:].argmax()) if k else None
 
 
 def _largest_labels_scipy(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -37,9 +43,9 @@ def _largest_labels_scipy(labels: torch.Tensor, num_classes: int) -> torch.Tenso
     out = np.zeros_like(lab)
     for n in range(lab.shape[0]):
         for c in range(1, num_classes):
-            comp, k = ndimage.label(lab[n] == c, structure)
-            if k:
-                out[n][comp == 1 + int(np.bincount(comp.ravel())[1:].argmax())] = c
+            kept = _largest_in(lab[n] == c, structure)
+            if kept is not None:
+                out[n][kept] = c
     return torch.from_numpy(out)
 
 
