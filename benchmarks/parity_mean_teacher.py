@@ -4,6 +4,8 @@ schedule and evaluator; rows to results/parity_mean_teacher.json.
     python benchmarks/parity_mean_teacher.py prepare --official /work/.mirror/HiLab-git+SSL4MIS/repo --patch 128
     python benchmarks/parity_mean_teacher.py official --seed 1337 --iterations 3000 --labeled 7 --patch 128
     python benchmarks/parity_mean_teacher.py ours --seed 1337 --iterations 3000 --labeled 7 --patch 128
+    python benchmarks/parity_mean_teacher.py official --seed 1337 --iterations 600 --labeled 7 --patch 128 --no-augment
+    python benchmarks/parity_mean_teacher.py ours --seed 1337 --iterations 600 --labeled 7 --patch 128 --no-augment
     python benchmarks/parity_mean_teacher.py official --seed 1337 --iterations 10 --smoke   # pipeline check, no row
     python benchmarks/parity_mean_teacher.py ours --seed 1337 --iterations 10 --smoke       # pipeline check, no row
     python benchmarks/parity_mean_teacher.py --table-only      # RESULTS.md from the rows (= python benchmarks/report.py)
@@ -56,6 +58,11 @@ Known differences left between the two configurations:
   (validation included); the official's mean is its log's first-to-last time / (iterations − 1), validation
   included.
 
+``--no-augment`` is the ablation of the augmentation difference above: the official runs from a copy of the edited
+code (``code_noaug/``) whose ``RandomGenerator`` skips its rotation / flip branch (one more edit, recorded in the
+row) and keeps only the ``order=0`` zoom to the patch; ours runs with ``data.augment: false`` (the bilinear resize
+once, no augmentation). The resize difference stays.
+
 Only ``benchmarks/common.py`` and the standard library are imported at module level; torch, h5py and the package
 inside functions, so ``section(rows)`` runs without them.
 """
@@ -81,6 +88,7 @@ RESULTS = RESULTS_DIR / "parity_mean_teacher.json"
 OFFICIAL_COMMIT = "06df6047a59aba9988ced8331998b5957ecb356b"
 OFFICIAL_DIR = RUNS_DIR / "official" / "SSL4MIS"
 CODE = OFFICIAL_DIR / "code"
+CODE_NOAUG = OFFICIAL_DIR / "code_noaug"  #: ``--no-augment``: the edited code with :data:`NO_AUGMENT_EDIT` applied
 DATA = OFFICIAL_DIR / "data" / "ACDC"  #: "ACDC" in the path: SSL4MIS's ``patients_to_slices`` looks for it
 MODELS = OFFICIAL_DIR / "model"  #: the official ``../model/<exp>_<labeled>_labeled/unet`` from ``code/``
 PREPARED = OFFICIAL_DIR / "prepared.json"
@@ -168,6 +176,29 @@ def edits(patch: int) -> list[dict]:
          "smoke run shorter than one validation has no best"),
     ]
     return [{"file": f, "old": old, "new": new, "why": why} for f, old, new, why in e]
+
+
+#: ``--no-augment``: SSL4MIS's ``RandomGenerator`` without its random rotation / flip (the zoom to the patch stays)
+NO_AUGMENT_EDIT = {
+    "file": "dataloaders/dataset.py",
+    "old": "        rand_value = random.random()\n        if rand_value < 0.5:\n            image, label = "
+           "random_rot_flip(image, label)\n        else:\n            image, label = random_rotate(image, label)\n",
+    "new": "",
+    "why": "ablation (--no-augment): no random rot90 / flip / rotation; only the order-0 zoom to the patch",
+}
+
+
+def no_augment_code() -> Path:
+    """A copy of the edited official code whose ``RandomGenerator`` does not augment (:data:`NO_AUGMENT_EDIT`)."""
+    if CODE_NOAUG.exists():
+        shutil.rmtree(CODE_NOAUG)
+    shutil.copytree(CODE, CODE_NOAUG, ignore=shutil.ignore_patterns("__pycache__"))
+    path = CODE_NOAUG / NO_AUGMENT_EDIT["file"]
+    text = path.read_text()
+    if text.count(NO_AUGMENT_EDIT["old"]) != 1:
+        raise SystemExit(f"the no-augment edit of {path} does not match once")
+    path.write_text(text.replace(NO_AUGMENT_EDIT["old"], NO_AUGMENT_EDIT["new"]))
+    return CODE_NOAUG
 
 
 def apply_edits(code: Path, patch: int) -> list[dict]:
@@ -345,25 +376,27 @@ def parse_log(path: Path) -> dict:
             "val_curve": val, "best_val_dice": best[1] if best else None, "best_val_iteration": best[0] if best else None}
 
 
-def run_official(seed: int, iterations: int, labeled: int, patch: int, python: str, smoke: bool) -> dict:
+def run_official(seed: int, iterations: int, labeled: int, patch: int, python: str, smoke: bool,
+                 augment: bool = True) -> dict:
     """Train the edited official script (fresh snapshot), time it, and score its best and last weights."""
     from label_efficient import provenance
 
     prepared = json.loads(PREPARED.read_text()) if PREPARED.exists() else None
     if prepared is None or prepared["patch"] != patch:
         raise SystemExit(f"run `prepare --patch {patch}` first (prepared: {prepared and prepared['patch']})")
-    exp = f"{'smoke_' if smoke else ''}parity_MT_s{seed}_t{iterations}_p{patch}"
+    exp = f"{'smoke_' if smoke else ''}parity_MT_s{seed}_t{iterations}_p{patch}{'' if augment else '_noaug'}"
+    code = CODE if augment else no_augment_code()
     snap = MODELS / f"{exp}_{labeled}_labeled" / "unet"
     if snap.parent.exists():
         shutil.rmtree(snap.parent)
     cmd = [python, SCRIPT, "--root_path", str(DATA), "--exp", exp, "--max_iterations", str(iterations),
            "--labeled_num", str(labeled), "--seed", str(seed)]
-    print("cd", CODE, "&&", " ".join(cmd), flush=True)
+    print("cd", code, "&&", " ".join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t = time.time()
     (MODELS / "stdout").mkdir(parents=True, exist_ok=True)
     with open(MODELS / "stdout" / f"{exp}.txt", "w") as out:
-        proc = subprocess.run(cmd, cwd=CODE, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=code, env=env, stdout=out, stderr=subprocess.STDOUT)
     seconds = time.time() - t
     if proc.returncode:
         raise SystemExit(f"the official run failed: see {MODELS / 'stdout' / f'{exp}.txt'}")
@@ -374,20 +407,20 @@ def run_official(seed: int, iterations: int, labeled: int, patch: int, python: s
     last = score(official_unet(snap / "unet_last_model.pth"), patch, "last_")
     selected = score(official_unet(best), patch) if best.exists() else {k[5:]: v for k, v in last.items()}
     return {"code": "official", "labeled": labeled, "seed": seed, "iterations": iterations, "patch": patch,
-            **selected, "selected_checkpoint": best.name if best.exists() else "unet_last_model.pth (smoke)", **last,
+            "augment": augment, **selected, "selected_checkpoint": best.name if best.exists() else "unet_last_model.pth (smoke)", **last,
             **timing, "train_seconds": round(seconds, 1), "precision": PRECISION, "threads": 1,
             "load_average": round(os.getloadavg()[0], 2), "official_commit": prepared["commit"],
-            "command": " ".join(cmd[1:]), "edits": prepared["edits"],
+            "command": " ".join(cmd[1:]), "edits": prepared["edits"] + ([] if augment else [NO_AUGMENT_EDIT]),
             "provenance": provenance.collect(PRECISION, requested="fp32 (the official code on the CPU)", t_start=t)}
 
 
 # ---------------------------------------------------------------------------------------------------- ours
-def our_recipe(seed: int, iterations: int, labeled: int, patch: int) -> dict:
+def our_recipe(seed: int, iterations: int, labeled: int, patch: int, augment: bool = True) -> dict:
     """Our ``mean_teacher`` in the SSL4MIS configuration (see the module docstring for what still differs)."""
     return {
         "name": f"parity_mean_teacher_l{labeled}", "seed": seed,
         "data": {"dataset": "acdc", "image_size": [patch, patch], "budget": {"flag": f"labeled_{labeled}"},
-                 "max_val_cases": None},
+                 "max_val_cases": None, "augment": augment},
         "backbone": {"name": "basic_unet", "kwargs": {}},  # the SSL4MIS U-Net
         "trainer": {"precision": PRECISION, "progress_bar": False, "log_every": 50},
         "evaluation": {"metrics": ["dice", "hd95"], "empty": "ssl4mis", "overlays": 0},
@@ -401,14 +434,14 @@ def our_recipe(seed: int, iterations: int, labeled: int, patch: int) -> dict:
     }
 
 
-def run_ours(seed: int, iterations: int, labeled: int, patch: int, smoke: bool) -> dict:
+def run_ours(seed: int, iterations: int, labeled: int, patch: int, smoke: bool, augment: bool = True) -> dict:
     """Run our recipe (one thread, resumable) and score its selected weights and ``last.ckpt`` as the official's."""
     from label_efficient.checkpoints import load_for_evaluation
     from label_efficient.context import DataContext
     from label_efficient.recipe import parse_recipe
 
-    recipe = our_recipe(seed, iterations, labeled, patch)
-    out = OUR_RUNS / f"{'smoke_' if smoke else ''}mt_l{labeled}_s{seed}_t{iterations}_p{patch}"
+    recipe = our_recipe(seed, iterations, labeled, patch, augment)
+    out = OUR_RUNS / f"{'smoke_' if smoke else ''}mt_l{labeled}_s{seed}_t{iterations}_p{patch}{'' if augment else '_noaug'}"
     m = run_recipe_process(recipe, out)
     parsed = parse_recipe(recipe)
     ctx = DataContext.build(parsed.stage_data(0), parsed.seed)
@@ -416,19 +449,22 @@ def run_ours(seed: int, iterations: int, labeled: int, patch: int, smoke: bool) 
     selected = score(load_for_evaluation(parsed, ctx, out / "model.pt"), patch)
     last = score(load_for_evaluation(parsed, ctx, next(out.glob("stage0_*")) / "last.ckpt"), patch, "last_")
     prov = row_provenance(m)
-    return {"code": "ours", "labeled": labeled, "seed": seed, "iterations": iterations, "patch": patch, **selected,
+    return {"code": "ours", "labeled": labeled, "seed": seed, "iterations": iterations, "patch": patch,
+            "augment": augment, **selected,
             "selected_checkpoint": stage.get("best"), **last, "best_val_dice": stage.get("best_score"),
             "s_per_iter": None, "s_per_iter_mean": round(m["train_seconds"] / iterations, 3),
             "train_seconds": round(m["train_seconds"], 1), "runner_mean_dice": round(m["mean_dice"], 4),
             "precision": prov.get("precision") or PRECISION, "threads": 1, "load_average": round(os.getloadavg()[0], 2),
             "command": f"parity_mean_teacher.py ours --seed {seed} --iterations {iterations} --labeled {labeled} "
-                       f"--patch {patch}",
+                       f"--patch {patch}{'' if augment else ' --no-augment'}",
             "recipe": recipe, "provenance": prov}
 
 
 def save(row: dict) -> list[dict]:
-    return merge_rows(RESULTS, [row], key=lambda r: (r["code"], r["labeled"], r["seed"], r["iterations"], r["patch"]),
-                      sort=lambda r: (r["labeled"], r["patch"], r["iterations"], r["code"] != "official", r["seed"]))
+    return merge_rows(RESULTS, [row], key=lambda r: (r["code"], r["labeled"], r["seed"], r["iterations"], r["patch"],
+                                                     r.get("augment", True)),
+                      sort=lambda r: (r["labeled"], r["patch"], r["iterations"], not r.get("augment", True),
+                                      r["code"] != "official", r["seed"]))
 
 
 # ---------------------------------------------------------------------------------------------------- RESULTS.md
@@ -451,11 +487,12 @@ def section(rows: list[dict]) -> str:
         return ""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["labeled"], r["patch"], r["iterations"], r["code"]), []).append(r)
-    table = [[code, f"{labeled} patients", f"{patch}²", iters, *_cells(rs),
-              ", ".join(dict.fromkeys(r["precision"] for r in rs)),
-              f"`{code} --seed S --iterations {iters} --labeled {labeled} --patch {patch}`"]
-             for (labeled, patch, iters, code), rs in groups.items()]
+        groups.setdefault((r["labeled"], r["patch"], r["iterations"], r.get("augment", True), r["code"]), []).append(r)
+    table = [[code, f"{labeled} patients", f"{patch}²", iters, "its own" if augment else "none (ablation)",
+              *_cells(rs), ", ".join(dict.fromkeys(r["precision"] for r in rs)),
+              f"`{code} --seed S --iterations {iters} --labeled {labeled} --patch {patch}"
+              f"{'' if augment else ' --no-augment'}`"]
+             for (labeled, patch, iters, augment, code), rs in groups.items()]
     return "\n".join([
         "## Beside the official code: mean teacher (SSL4MIS)", "",
         "`python benchmarks/parity_mean_teacher.py official|ours --seed S --iterations N --labeled 7 --patch 128` "
@@ -466,8 +503,9 @@ def section(rows: list[dict]) -> str:
         "iterations), on the same ACDC slices, split and labelled patients, in fp32 with one thread; both scored by "
         "our `evaluate_ssl4mis` (SSL4MIS's test protocol at the training patch) on the 40 test volumes. s/iter: "
         "median interval between logged iterations (official only; validation excluded), and the mean over the run "
-        "(validation included; ours: train seconds / steps).", "",
-        md_table(["code", "labelled", "patch", "iterations", "seeds", "mean Dice (mean ± s.d.)", "per seed",
+        "(validation included; ours: train seconds / steps). Augmentation \"none\": the `--no-augment` ablation "
+        "(the official's rotation / flip branch removed, ours with `data.augment: false`).", "",
+        md_table(["code", "labelled", "patch", "iterations", "augmentation", "seeds", "mean Dice (mean ± s.d.)", "per seed",
                   "last-weights Dice", "HD95 (px)", "s/iter (median)", "s/iter (mean)", "precision", "command"],
                  table), "",
         *[f"- n/r, {r['code']} seed {r['seed']}: {r['timing_note']}" for r in rows if r.get("timing_note")], ""])
@@ -484,6 +522,7 @@ def main() -> None:
     ap.add_argument("--labeled", type=int, default=7, choices=sorted(LABELED_SLICES))
     ap.add_argument("--patch", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="a pipeline check: own run folder, no row saved")
+    ap.add_argument("--no-augment", action="store_true", help="the augmentation ablation (both sides unaugmented)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     if args.table_only or args.command is None:
@@ -495,9 +534,10 @@ def main() -> None:
         prepare(args.official, args.patch, args.official_python)
         return
     if args.command == "official":
-        row = run_official(args.seed, args.iterations, args.labeled, args.patch, args.official_python, args.smoke)
+        row = run_official(args.seed, args.iterations, args.labeled, args.patch, args.official_python, args.smoke,
+                           not args.no_augment)
     else:
-        row = run_ours(args.seed, args.iterations, args.labeled, args.patch, args.smoke)
+        row = run_ours(args.seed, args.iterations, args.labeled, args.patch, args.smoke, not args.no_augment)
     print(json.dumps({k: v for k, v in row.items() if k not in ("provenance", "edits", "recipe")}), flush=True)
     if not args.smoke:
         save(row)

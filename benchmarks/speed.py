@@ -724,6 +724,11 @@ def load_results() -> dict:
     return {f.name: load_rows(f) for f in sorted(RESULTS_DIR.glob("speed*.json"))}
 
 
+def _commit_cell(row: dict) -> str:
+    """The commit a row was measured at, and whether the working tree had edits not in it."""
+    return row.get("commit", "—")[:7] + (" + uncommitted edits" if row.get("dirty") else "")
+
+
 def section(rows: dict) -> str:
     speed = [(name, r) for name, f in rows.items() for r in f]
     if not speed:
@@ -731,7 +736,7 @@ def section(rows: dict) -> str:
     spread = max(abs(x / statistics.median(v) - 1) for _, r in speed for v in r["repeats"].values() for x in v)
     table = md_table(["rows file", "commit", "strategy", "backbone", "batch", "precision", "threads", "raw it/s",
                       "Lightning it/s", "Lightning s/it", "overhead", "plain-loop it/s", "peak RSS MB"],
-                     [[f"`{name}`", r.get("commit", "—")[:7], r["strategy"], r.get("backbone", "unet"), _batch_cell(r),
+                     [[f"`{name}`", _commit_cell(r), r["strategy"], r.get("backbone", "unet"), _batch_cell(r),
                        r.get("precision", "bf16-mixed"), r["threads"], f"{r['raw_its']:.2f}", f"{r['lightning_its']:.2f}",
                        f"{1 / r['lightning_its']:.2f}", f"{r['overhead_pct']:+.1f} %", f"{r['strategy_loop_its']:.2f}",
                        f"{r['peak_rss_mb']:.0f}"] for name, r in speed])
