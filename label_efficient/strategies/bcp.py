@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..losses import dice_loss
 from ..transforms.components import log_cleaning, largest_component_labels
 from ..utils import class_map
 from .base import StepOutput, Strategy, StrategyConfig, register_strategy
@@ -47,24 +48,17 @@ def copy_paste(outside: torch.Tensor, inside: torch.Tensor, mask: torch.Tensor) 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, w_outside: float, w_inside: float,
                 squared: bool = True) -> torch.Tensor:
     """½[w_out·(CE_M + Dice_M) + w_in·(CE_{1−M} + Dice_{1−M})] — BCP's ``mix_loss``. The per-pixel CE, the softmax
-    and the one-hot target are computed once; each per-pixel term is summed over the batch, then over the image and
-    over M (one dot product with the mask), and the sums over 1−M are the image's minus M's: the values of
-    ``weighted_ce`` + ``weighted_dice`` per region, up to float rounding, with a third of their reductions."""
+    and the one-hot target are computed once for both regions: the values of ``weighted_ce`` + ``weighted_dice`` per
+    region, with half their passes."""
+    m = mask.unsqueeze(0).expand_as(target).to(logits.dtype)
     ce = F.cross_entropy(logits, target, reduction="none")
     probs = logits.softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
-    m = mask.flatten()
-    per_class = lambda t: t.sum(0).flatten(1)  # noqa: E731  (C, pixels), summed over the batch
-    terms = [ce.sum(0).flatten().unsqueeze(0), per_class(probs * onehot),
-             per_class(probs * probs if squared else probs), per_class(onehot)]  # one-hot: y² = y
-    outside = [t @ m.to(t.dtype) for t in terms]
-    inside = [t.sum(1) - o for t, o in zip(terms, outside)]
-    n_outside = m.sum() * target.shape[0]
-    counts = (n_outside, target.numel() - n_outside)
     loss = 0.0
-    for (ce_sum, inter, p, y), n, w in ((outside, counts[0], w_outside), (inside, counts[1], w_inside)):
-        dice = (2 * inter + 1e-5) / (p + y + 1e-5)
-        loss = loss + w * (ce_sum[0] / n.clamp_min(1e-8) + 1 - dice.mean())
+    for region, w in ((m, w_outside), (1 - m, w_inside)):
+        ce_region = (ce * region).sum() / region.sum().clamp_min(1e-8)
+        dice = dice_loss(probs, onehot, region.unsqueeze(1).to(probs.dtype), squared=squared, smooth=1e-5)
+        loss = loss + w * (ce_region + dice)
     return loss / 2
 
 
