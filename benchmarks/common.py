@@ -239,6 +239,20 @@ def span(xs: Iterable[float], fmt: str) -> str:
     return lo if lo == hi else f"{lo}–{hi}"
 
 
+def mask_dice_hausdorff(pred, truth) -> tuple[float, float]:
+    """Dice and the symmetric Hausdorff distance (pixels) of two boolean maps; the image diagonal when either is
+    empty, Dice 1 when both are."""
+    import numpy as np
+    from scipy.spatial.distance import directed_hausdorff
+
+    inter, total = (pred & truth).sum(), pred.sum() + truth.sum()
+    dice = 2 * inter / total if total else 1.0
+    if not pred.any() or not truth.any():
+        return dice, float(np.hypot(*pred.shape))
+    a, b = np.argwhere(pred), np.argwhere(truth)
+    return dice, max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0])
+
+
 # ---------------------------------------------------------------------------------------------------- tables
 def md_table(header: list[str], rows: Iterable[list]) -> str:
     """A markdown table: ``header`` cells, then one line per row of cells (formatted by the caller)."""

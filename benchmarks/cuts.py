@@ -26,7 +26,8 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, RESULTS_DIR, RUNS_DIR, load_rows, md_table, merge_rows, run_recipe_process
+from common import (ROOT, RESULTS_DIR, RUNS_DIR, load_rows, mask_dice_hausdorff, md_table, merge_rows,
+                    run_recipe_process)
 
 RESULTS = RESULTS_DIR / "cuts.json"
 SIZE = 64
@@ -84,17 +85,6 @@ def kmeans(image: np.ndarray, k: int = 3) -> np.ndarray:
     return kmeans2(pixels, k, seed=0, minit="++")[1].reshape(image.shape[1:])
 
 
-def scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    from scipy.spatial.distance import directed_hausdorff
-
-    inter, total = (pred & truth).sum(), pred.sum() + truth.sum()
-    dice = 2 * inter / total if total else 1.0
-    if not pred.any() or not truth.any():
-        return dice, float(np.hypot(*pred.shape))
-    a, b = np.argwhere(pred), np.argwhere(truth)
-    return dice, max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0])
-
-
 def evaluate(name: str, images: int, runs: Path) -> list[dict]:
     import torch
 
@@ -120,7 +110,7 @@ def evaluate(name: str, images: int, runs: Path) -> list[dict]:
             continue
         image = item.image
         levels, chosen = cuts.segment(torch.from_numpy(image))
-        best = max(levels, key=lambda lab: scores(oracle_cluster(lab, truth), truth)[0])
+        best = max(levels, key=lambda lab: mask_dice_hausdorff(oracle_cluster(lab, truth), truth)[0])
         persistent = persistent_label(levels)
         gray = image.mean(0)
         with torch.no_grad():
@@ -136,7 +126,7 @@ def evaluate(name: str, images: int, runs: Path) -> list[dict]:
             "kmeans-3, oracle cluster": oracle_cluster(kmeans(image), truth),
             f"supervised, {json.dumps(d['supervised_budget'])}": supervised,
         }.items():
-            per.setdefault(method, []).append(scores(pred, truth))
+            per.setdefault(method, []).append(mask_dice_hausdorff(pred, truth))
         n += 1
         if n == images:
             break

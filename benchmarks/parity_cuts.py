@@ -29,7 +29,7 @@ the first 10 epochs' steps (the official steps its schedule once an epoch, from 
 Stage 2, a 2 × 2: each side's embeddings through the official ``diffusion_condensation_msphate`` (knn 100, its
 default ``random_seed`` 0, finest level dropped) + ``get_persistent_structures``, and through ours
 (``transforms.condensation`` on the full 64² grid, ``persistent_label``). Scores per test image (binary Dice and
-Hausdorff in pixels, ``benchmarks/cuts.py``'s ``scores``): the paper's "best one" (level and cluster chosen with the
+Hausdorff in pixels, ``common.mask_dice_hausdorff``): the paper's "best one" (level and cluster chosen with the
 mask), the persistent map with the cluster chosen with the mask, and the persistent map with our label-free centre
 prior. Timing: stage 1 wall seconds (validation included) / steps, and stage 2 seconds per image, each side alone.
 """
@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, RESULTS_DIR, RUNS_DIR, load_rows, md_table, merge_rows, run_recipe_process
+from common import (ROOT, RESULTS_DIR, RUNS_DIR, load_rows, mask_dice_hausdorff, md_table, merge_rows,
+                    run_recipe_process)
 
 RESULTS = RESULTS_DIR / "parity_cuts.json"
 BASE = RUNS_DIR / "official" / "CUTS"
@@ -241,7 +242,6 @@ def our_stage2(run: Path, condense, persist) -> None:
 def score(seed: int, timing_note: str | None) -> list[dict]:
     from PIL import Image
 
-    from cuts import scores
     from label_efficient.strategies.cuts import centre_cluster, oracle_cluster
 
     p = prepared()
@@ -259,9 +259,9 @@ def score(seed: int, timing_note: str | None) -> list[dict]:
                 levels = [lab.reshape(SIZE, SIZE) for lab in z["levels"]]
                 persistent = z["persistent"].reshape(SIZE, SIZE)
                 per["best one (oracle level + cluster)"].append(
-                    max((scores(oracle_cluster(lab, truth), truth) for lab in levels), key=lambda s: s[0]))
-                per["persistent, oracle cluster"].append(scores(oracle_cluster(persistent, truth), truth))
-                per["persistent, label-free (centre)"].append(scores(centre_cluster(persistent), truth))
+                    max((mask_dice_hausdorff(oracle_cluster(lab, truth), truth) for lab in levels), key=lambda s: s[0]))
+                per["persistent, oracle cluster"].append(mask_dice_hausdorff(oracle_cluster(persistent, truth), truth))
+                per["persistent, label-free (centre)"].append(mask_dice_hausdorff(centre_cluster(persistent), truth))
                 seconds.append(float(z["seconds"]))
                 counts.append(len(levels))
             for method, vs in per.items():
