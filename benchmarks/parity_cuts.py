@@ -306,7 +306,29 @@ def section(rows: list[dict]) -> str:
         "per-epoch validation.", "",
         md_table(["method", "embedder (stage 1)", "condensation (stage 2)", "seeds", "Dice", "Hausdorff (px)",
                   "stage 1 s/step", "stage 2 s/image", "precision"], cells), "",
+        *_reading(groups), "",
         *sorted({f"- seconds of seed {r['seed']}: {r['timing_note']}" for r in rows if r.get("timing_note")}), ""])
+
+
+def _reading(groups: dict[tuple, list[dict]]) -> list[str]:
+    """One line per method: our stage 1 against the official one (each through the official condensation), and our
+    condensation against the official one (each on the official embeddings), each gap against 2 s.d. over seeds."""
+    def gap(a: list[dict], b: list[dict]) -> str:
+        da, db = [r["dice"] for r in a], [r["dice"] for r in b]
+        diff = statistics.mean(da) - statistics.mean(db)
+        if min(len(da), len(db)) < 2:
+            return f"{diff:+.4f} (one seed)"
+        sd = max(statistics.stdev(da), statistics.stdev(db))
+        return f"{diff:+.4f} ({'within' if abs(diff) <= 2 * sd else 'outside'} 2 s.d. = {2 * sd:.4f})"
+
+    lines = []
+    for method in sorted({m for m, _, _ in groups}):
+        g = {(e, c): rs for (m, e, c), rs in groups.items() if m == method}
+        if len(g) == 4:
+            lines.append(f"- {method}: our stage 1 − official, both through the official condensation: "
+                         f"{gap(g['ours', 'official'], g['official', 'official'])}; our condensation − official, both on "
+                         f"the official embeddings: {gap(g['official', 'ours'], g['official', 'official'])}.")
+    return lines
 
 
 def main() -> None:
