@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from common import (ROOT, RESULTS_DIR, RUNS_DIR, load_rows, mask_dice_hausdorff, md_table, merge_rows,
-                    run_recipe_process)
+                    row_provenance, run_recipe_process)
 
 RESULTS = RESULTS_DIR / "cuts.json"
 SIZE = 64
@@ -130,16 +130,41 @@ def evaluate(name: str, images: int, runs: Path) -> list[dict]:
         n += 1
         if n == images:
             break
+    made = stage1_record(runs / f"cuts_{name}")
     return [{"dataset": name, "method": m, "images": n, "dice": round(statistics.mean(v[0] for v in vs), 4),
              "dice_sd": round(statistics.stdev(v[0] for v in vs), 4),
              "hausdorff": round(statistics.mean(v[1] for v in vs), 2), "size": SIZE, "cuts_steps": CUTS_STEPS,
-             "supervised_steps": SUPERVISED_STEPS} for m, vs in per.items()]
+             "supervised_steps": SUPERVISED_STEPS, **made, "precision": _precision(m, made, runs / f"supervised_{name}")}
+            for m, vs in per.items()]
+
+
+def _precision(method: str, made: dict, supervised_run: Path) -> str:
+    """The precision a row's network ran at: CUTS rows their stage 1's, ``supervised`` its own run's; Otsu and
+    k-means run no network."""
+    if method.startswith("supervised"):
+        return row_provenance(json.loads((supervised_run / "metrics.json").read_text())).get("precision")
+    return made["precision"] if method.startswith("cuts") else "n/a (no network)"
+
+
+def stage1_record(run: Path) -> dict:
+    """What a row keeps of its CUTS stage-1 run: the val loss at each check (``metrics.csv``), the step
+    ``select: val_loss`` kept, and the run's precision, commit and date (``metrics.json``)."""
+    import csv
+    import datetime
+
+    log = list(csv.DictReader((run / "stage0_cuts" / "metrics.csv").open()))
+    checks = [(int(r["step"]) + 1, round(float(r["val/loss"]), 6)) for r in log if r.get("val/loss")]
+    prov = row_provenance(json.loads((run / "metrics.json").read_text()))
+    made = datetime.date.fromtimestamp((run / "metrics.json").stat().st_mtime).isoformat()
+    return {"val_loss_checks": checks, "chosen_step": min(checks, key=lambda c: c[1])[0],
+            "precision": prov.get("precision"), "git_commit": prov.get("git_commit"), "cpu_model": prov.get("cpu_model"),
+            "made": made}
 
 
 def table(rows: list[dict]) -> str:
-    return md_table(["dataset", "method", "images", "Dice (mean ± s.d. over images)", "Hausdorff (px)"],
+    return md_table(["dataset", "method", "images", "Dice (mean ± s.d. over images)", "Hausdorff (px)", "precision"],
                     [[r["dataset"], r["method"], r["images"], f"{r['dice']:.4f} ± {r['dice_sd']:.4f}",
-                      f"{r['hausdorff']:.2f}"] for r in rows])
+                      f"{r['hausdorff']:.2f}", r.get("precision") or "not recorded"] for r in rows])
 
 
 def load_results() -> list[dict]:
@@ -178,11 +203,25 @@ def section(rows: list[dict]) -> str:
         "diffusion condensation. Binary target: polyp (Kvasir test) and left-ventricle cavity (ACDC test slices that "
         "contain it). *label-free* rows choose the granularity and the foreground cluster without any label "
         "(silhouette level or the official code's *persistent* map of the whole hierarchy, then the centre prior); "
-        f"*oracle* rows choose them with the ground truth, as the paper scores. {_reading(rows)} The val loss fell at "
-        "every check on both datasets, so `val_loss` kept the last step (rows re-made on 2026-12-01 with it, on "
-        f"{' / '.join(map(str, images))} test images; they replace the earlier rows). "
-        f"`supervised`: `basic_unet` on the stated few labels, {r0['supervised_steps']} steps, SGD 0.01.", "",
+        f"*oracle* rows choose them with the ground truth, as the paper scores. {_reading(rows)} "
+        f"{_selection(rows)} `supervised`: `basic_unet` on the stated few labels, {r0['supervised_steps']} steps, "
+        f"SGD 0.01; {' / '.join(map(str, images))} test images.", "",
         table(rows), ""])
+
+
+def _selection(rows: list[dict]) -> str:
+    """Which step ``select: val_loss`` kept on each dataset, and when, at which commit and precision each was made."""
+    by = {r["dataset"]: r for r in rows if r.get("val_loss_checks")}
+    if not by:
+        return ""
+    parts = []
+    for d, r in by.items():
+        losses = [v for _, v in r["val_loss_checks"]]
+        fell = all(b < a for a, b in zip(losses, losses[1:]))
+        parts.append(f"{d}: step {r['chosen_step']} of {r['cuts_steps']} kept"
+                     f"{' (the val loss fell at every check)' if fell else ''}, made {r['made']} at "
+                     f"`{(r['git_commit'] or '?')[:7]}`, {r['precision']}, {r['cpu_model']}")
+    return "Checkpoint and provenance: " + "; ".join(parts) + "."
 
 
 def main() -> None:

@@ -15,7 +15,9 @@ code). Departures from the official code
 (spec pitfalls): BN runs in train mode during adaptation by default (``bn_mode="frozen"`` keeps the incoming
 running statistics, which is what the official code effectively does from its second epoch on) and in eval mode at
 test; only the final 1×1 head is cloned (the official code clones the whole decoder, which a generic backbone does
-not expose); no checkpoint is chosen on target labels (fixed step count).
+not expose), so the heads differ by their rotation alone where the official decoders also differ by their own
+dropout (p = 0.5 in each decoder's deepest block), unless the backbone itself has dropout; no checkpoint is
+chosen on target labels (fixed step count).
 Largest component, 2D: the official 2D batch is *one volume's window* of 10 consecutive slices (``crop_depth``,
 batch size 1, zero slices padding shorter volumes), and ``save_nii`` keeps per class the largest 3D component of
 that (10, H, W) stack, face-connected across slices too: a slice whose class region does not touch the window's
