@@ -131,19 +131,15 @@ def evaluate(name: str, images: int, runs: Path) -> list[dict]:
         if n == images:
             break
     made = stage1_record(runs / f"cuts_{name}")
+    # the precision a row's network ran at: CUTS rows their stage 1's, supervised its own; Otsu and k-means none
+    precision = {"cuts": made["precision"], "supervised": row_provenance(
+        json.loads((runs / f"supervised_{name}" / "metrics.json").read_text())).get("precision")}
     return [{"dataset": name, "method": m, "images": n, "dice": round(statistics.mean(v[0] for v in vs), 4),
              "dice_sd": round(statistics.stdev(v[0] for v in vs), 4),
              "hausdorff": round(statistics.mean(v[1] for v in vs), 2), "size": SIZE, "cuts_steps": CUTS_STEPS,
-             "supervised_steps": SUPERVISED_STEPS, **made, "precision": _precision(m, made, runs / f"supervised_{name}")}
+             "supervised_steps": SUPERVISED_STEPS, **made,
+             "precision": precision.get(m.split(maxsplit=1)[0].rstrip(","), "n/a (no network)")}
             for m, vs in per.items()]
-
-
-def _precision(method: str, made: dict, supervised_run: Path) -> str:
-    """The precision a row's network ran at: CUTS rows their stage 1's, ``supervised`` its own run's; Otsu and
-    k-means run no network."""
-    if method.startswith("supervised"):
-        return row_provenance(json.loads((supervised_run / "metrics.json").read_text())).get("precision")
-    return made["precision"] if method.startswith("cuts") else "n/a (no network)"
 
 
 def stage1_record(run: Path) -> dict:
@@ -157,8 +153,8 @@ def stage1_record(run: Path) -> dict:
     prov = row_provenance(json.loads((run / "metrics.json").read_text()))
     made = datetime.date.fromtimestamp((run / "metrics.json").stat().st_mtime).isoformat()
     return {"val_loss_checks": checks, "chosen_step": min(checks, key=lambda c: c[1])[0],
-            "precision": prov.get("precision"), "git_commit": prov.get("git_commit"), "cpu_model": prov.get("cpu_model"),
-            "made": made}
+            "precision": prov.get("precision"), "git_commit": prov.get("git_commit"),
+            "cpu_model": prov.get("cpu_model"), "made": made}
 
 
 def table(rows: list[dict]) -> str:

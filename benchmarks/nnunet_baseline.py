@@ -491,7 +491,8 @@ def section(rows: dict) -> str:
           "augmentation and network trained on exactly our labelled cases (fold `all`) on the CPU in fp32 with one "
           "thread, its 1000 × 250-iteration schedule truncated to a wall-clock budget (nnUNetTrainer_Budget), the "
           "final checkpoint predicting our test cases with nnU-Net's defaults (mirroring TTA, except rows marked "
-          "*no mirroring*), scored by our evaluator against our labels (ACDC per volume at each slice's own size, HD95 in pixels; LA HD95 in mm).", ""]
+          "*no mirroring*), scored by our evaluator against our labels (ACDC per volume at each slice's own size, "
+          "HD95 in pixels; LA HD95 in mm).", ""]
     full = [r for r in all_rows if r["kind"] == "row"]
     if full:
         md += [md_table(["data", "labelled", "configuration", "run", "mean Dice", "HD95", "epochs × iters", "batch",

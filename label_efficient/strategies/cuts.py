@@ -27,10 +27,8 @@ the whole run); the fallback positive is a distinct pixel (the official one alia
 condensation runs on embeddings average-pooled to at most ``condense_size``² pixels and its labels are upsampled
 (exact pairwise affinities on 10⁴–10⁵ pixels do not fit a CPU budget); the per-patch SSIM of a multi-channel
 image uses one window over all channels (the official skimage call averages per-channel SSIMs); the hierarchy
-is our own diffusion condensation, not the official multiscale PHATE, and keeps every partition change where
-multiscale PHATE keeps its few "salient" levels (iterations where the points' movement reaches a new minimum):
-about twice as many levels, which lowers the persistent map's Dice at parity while stage 1 matches the official
-one (``benchmarks/parity_cuts.py``, RESULTS.md "CUTS beside its official code").
+is our own diffusion condensation, not multiscale PHATE, with more levels (``transforms.condensation`` says how
+and what it costs at parity; stage 1 matches the official one, ``benchmarks/parity_cuts.py``).
 """
 from __future__ import annotations
 
