@@ -54,15 +54,17 @@ def test_region_loss_weights_land_on_the_right_pixels():
     assert region_loss(logits, target, m, 0.5, 0.0).item() == pytest.approx(0.5 * full)
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_region_loss_equals_two_weighted_calls_per_region(autocast):
-    """The fused loss (one CE, softmax and one-hot for both regions) gives the values and gradients of the
-    ``weighted_ce`` + ``weighted_dice`` form its rows were made with, in fp32 and under bf16 autocast."""
+@pytest.mark.parametrize("autocast,squared", [(False, True), (True, True), (False, False)])
+def test_region_loss_equals_two_weighted_calls_per_region(autocast, squared):
+    """The fused loss (one CE, softmax and one-hot for both regions, batch-summed maps) gives the values and
+    gradients of the ``weighted_ce`` + ``weighted_dice`` form in fp32; under bf16 autocast it is computed in fp32
+    from the bf16 logits (the two-call form rounds its softmax and Dice sums to bf16 there)."""
     from label_efficient.losses import weighted_ce, weighted_dice
 
-    def two_calls(logits, target, mask, w_out, w_in):
+    def two_calls(logits, target, mask, w_out, w_in, squared):
+        logits = logits.float()
         m = mask.unsqueeze(0).expand_as(target).to(logits.dtype)
-        return sum(w * (weighted_ce(logits, target, r) + weighted_dice(logits, target, r, True))
+        return sum(w * (weighted_ce(logits, target, r) + weighted_dice(logits, target, r, squared))
                    for r, w in ((m, w_out), (1 - m, w_in))) / 2
 
     torch.manual_seed(3)
@@ -73,7 +75,7 @@ def test_region_loss_equals_two_weighted_calls_per_region(autocast):
     for fn in (region_loss, two_calls):
         conv.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = fn(conv(x), target, m, 0.5, 1.0)
+            loss = fn(conv(x), target, m, 0.5, 1.0, squared)
         loss.backward()
         results.append((loss.detach(), conv.weight.grad.clone()))
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-6, atol=0)
@@ -107,6 +109,8 @@ def test_batched_largest_component_matches_reference(shape, classes):
     rng = np.random.default_rng(0)
     for trial in range(5):  # random maps with many small blobs and ties
         labels = rng.integers(0, classes, shape) * (rng.random(shape) < 0.6)
+        labels[1] = 0 if trial == 1 else labels[1]  # an empty image between others (the per-image numbering)
+        labels[-1] = 0 if trial == 2 else labels[-1]
         got = largest_component_labels(torch.from_numpy(labels), classes).numpy()
         assert np.array_equal(got, _reference_lcc(labels, classes)), trial
         # the one-hot route (the one other devices take) agrees with the CPU's label-map route

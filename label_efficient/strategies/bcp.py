@@ -41,24 +41,30 @@ def box_mask(spatial_shape: tuple[int, ...], beta: float, device=None, generator
 def copy_paste(outside: torch.Tensor, inside: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``outside⊙M + inside⊙(1−M)`` for images (N, C, *S) or label maps (N, *S); M is (*S)."""
     m = mask if outside.ndim == mask.ndim + 1 else mask.unsqueeze(0)
-    m = m.to(outside.dtype) if outside.is_floating_point() else m.long()
-    return outside * m + inside * (1 - m)
+    return torch.where(m.bool(), outside, inside)
 
 
 def region_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, w_outside: float, w_inside: float,
                 squared: bool = True) -> torch.Tensor:
-    """½[w_out·(CE_M + Dice_M) + w_in·(CE_{1−M} + Dice_{1−M})] — BCP's ``mix_loss``. The per-pixel CE, the softmax
-    and the one-hot target are computed once for both regions: the values of ``weighted_ce`` + ``weighted_dice`` per
-    region, with half their passes."""
-    m = mask.unsqueeze(0).expand_as(target).to(logits.dtype)
-    ce = F.cross_entropy(logits, target, reduction="none")
+    """½[w_out·(CE_M + Dice_M) + w_in·(CE_{1−M} + Dice_{1−M})] — BCP's ``mix_loss``, the values of ``weighted_ce`` +
+    ``weighted_dice`` per region. M is one map for the whole batch, so every sum is taken over the batch first, then
+    over M as the product with M, and over 1−M as the total minus that: one CE, softmax and one-hot, and one
+    full-size product per Dice sum, for both regions. In fp32 whatever the logits' dtype (bf16 sums would keep
+    three significant digits)."""
+    logits = logits.float()
     probs = logits.softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    m = mask.to(probs.dtype).flatten()
+    # per class and pixel, summed over the batch: Σ p·y, Σ p^a, Σ y (y^a = y for a one-hot y)
+    maps = torch.stack([(probs * onehot).sum(0), (probs**2 if squared else probs).sum(0), onehot.sum(0)]).flatten(2)
+    ce = F.cross_entropy(logits, target, reduction="none").sum(0).flatten()
+    in_m = ((maps * m).sum(-1), (ce * m).sum(), m.sum() * target.shape[0])  # not @, which autocast runs in bf16
+    in_rest = (maps.sum(-1) - in_m[0], ce.sum() - in_m[1], target.numel() - in_m[2])
     loss = 0.0
-    for region, w in ((m, w_outside), (1 - m, w_inside)):
-        ce_region = (ce * region).sum() / region.sum().clamp_min(1e-8)
-        dice = dice_loss(probs, onehot, region.unsqueeze(1).to(probs.dtype), squared=squared, smooth=1e-5)
-        loss = loss + w * (ce_region + dice)
+    for (dice_sums, ce_sum, pixels), w in ((in_m, w_outside), (in_rest, w_inside)):
+        inter, p, y = dice_sums
+        dice = (2 * inter + 1e-5) / (p + y + 1e-5)
+        loss = loss + w * (ce_sum / pixels.clamp_min(1e-8) + 1 - dice.mean())
     return loss / 2
 
 
