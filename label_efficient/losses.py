@@ -25,7 +25,9 @@ def supervised_loss(loss_fn: DiceCELoss, logits: torch.Tensor, label: torch.Tens
                     label_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Apply a MONAI Dice/CE loss to logits (N, C, ...) and an integer label map (N, ...). With a sparse annotation's
     ``label_mask`` (N, ...), the same ½(CE + squared Dice) restricted to the annotated voxels: unmarked voxels get
-    exactly zero gradient, and a mask marking nothing gives a zero loss (no NaN)."""
+    exactly zero gradient, and a mask marking nothing gives a zero loss (no NaN). In fp32 whatever the logits' dtype:
+    CPU autocast leaves softmax in bf16, where CUDA's runs it in fp32."""
+    logits = logits.float()
     if label_mask is None:
         return loss_fn(logits, label.unsqueeze(1))
     return 0.5 * (weighted_ce(logits, label, label_mask) + weighted_dice(logits, label, label_mask))
@@ -81,8 +83,8 @@ def dice_loss(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
 def weighted_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, squared: bool = True,
                   smooth: float = 1e-5, include_background: bool = True) -> torch.Tensor:
     """Dice loss of logits (N, C, *S) and an integer label map (N, *S) restricted to the pixel weights ``weight``
-    (N, *S) (batch-summed; squared denominators by default): BCP's regions, sparse annotations, DeSCO's W_k."""
-    probs = logits.softmax(1)
+    (N, *S) (batch-summed; squared denominators by default): BCP's regions, sparse annotations, DeSCO's W_k. In fp32."""
+    probs = logits.float().softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
     return dice_loss(probs, onehot, weight.unsqueeze(1).to(probs.dtype), include_background=include_background,
                      squared=squared, smooth=smooth)

@@ -36,3 +36,23 @@ def test_dice_loss_wrappers_agree_with_soft_dice():
     assert torch.allclose(weighted_dice(logits, labels, w[:, 0]), dice_loss(p, y, w, squared=True), atol=1e-6)
     wk = w.expand_as(p)
     assert torch.allclose(noise_weighted_dice(p, y, wk), 1 - soft_dice(p, y, wk)[1:].mean(), atol=1e-6)
+
+
+def test_losses_under_cpu_bf16_autocast_are_computed_in_fp32():
+    """CPU autocast leaves softmax in bf16 (CUDA's runs it in fp32); the supervised and region-weighted losses
+    upcast the logits, so under bf16 autocast they equal the fp32 loss of the same bf16 logits."""
+    from label_efficient.losses import ce_dice, supervised_loss, weighted_dice
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    x, y = torch.randn(2, 1, 20, 20), torch.randint(0, 4, (2, 20, 20))
+    w = (torch.rand(2, 20, 20) > 0.3).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = conv(x)
+        assert logits.dtype == torch.bfloat16
+        got = [supervised_loss(ce_dice(), logits, y), supervised_loss(ce_dice(), logits, y, w),
+               weighted_dice(logits, y, w)]
+    ref = [supervised_loss(ce_dice(), logits.float(), y), supervised_loss(ce_dice(), logits.float(), y, w),
+           weighted_dice(logits.float(), y, w)]
+    for g, r in zip(got, ref):
+        assert g.dtype == torch.float32 and torch.allclose(g, r, rtol=1e-6, atol=0)

@@ -136,7 +136,7 @@ class DeSCO(Strategy):
         pseudo = class_map(net(u))
         noisy = u.repeat(c.mc_passes, *([1] * (u.ndim - 1)))
         noisy = noisy + (torch.randn_like(noisy) * c.noise_std).clamp(-c.noise_clip, c.noise_clip)
-        probs = net(noisy).softmax(1).unflatten(0, (c.mc_passes, u.shape[0])).mean(0)
+        probs = net(noisy).float().softmax(1).unflatten(0, (c.mc_passes, u.shape[0])).mean(0)
         entropy = -(probs * torch.log(probs + 1e-6)).sum(1)
         return pseudo, (entropy < tau).to(u.dtype)
 

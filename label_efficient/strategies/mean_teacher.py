@@ -73,8 +73,8 @@ class MeanTeacher(Strategy):
         noise = (torch.randn_like(unl["image"]) * c.noise_std).clamp(-c.noise_clip, c.noise_clip)
         self.teacher.train(not c.teacher_eval_mode)
         with torch.no_grad():
-            teacher_probs = self.teacher(unl["image"] + noise).softmax(1)
-        loss_cons = torch.mean((logits[n_l:].softmax(1) - teacher_probs) ** 2)
+            teacher_probs = self.teacher(unl["image"] + noise).float().softmax(1)
+        loss_cons = torch.mean((logits[n_l:].float().softmax(1) - teacher_probs) ** 2)
         weight = self.consistency_weight(step)
         loss = loss_sup + weight * loss_cons
         return StepOutput(loss, {"loss_sup": loss_sup.detach(), "loss_cons": loss_cons.detach(), "w_cons": weight})
