@@ -2,6 +2,7 @@
 
     python benchmarks/suggest_acdc.py                 # the protocol: hours to days on 2 cores (BCP dominates)
     python benchmarks/suggest_acdc.py --short         # supervised, 300 steps at 96², batch 8: ~30 min on 2 cores
+    python benchmarks/suggest_acdc.py --short --strategies bcp --rules random typiclust kcenter   # BCP, 300 + 300
     python benchmarks/suggest_acdc.py --short --rules random entropy_kcenter --rounds 1 3
 
 Protocol: ACDC, `supervised` (``recipes/acdc_supervised.yaml``) and BCP (``recipes/acdc_bcp.yaml``), the ACDC-CPU v2
@@ -9,8 +10,9 @@ schedules at 128²; rounds 1 → 3 → 7 labelled patients; each rule against `r
 is ``label_efficient.sweep.run_rounds``: round 1 labels one patient drawn by the seed (the same patient for every
 rule at that seed, one shared run), each later round asks the rule for the next patients with the model the round
 before trained (``label-efficient suggest``, same seed), then trains from scratch on all of them; every round is
-tested on the 40 test volumes. The short protocol (``--short``) is the same with supervised only, 300 SGD steps at
-96², batch 8, one validation at the end: a cheap look, not the measurement.
+tested on the 40 test volumes. The short protocol (``--short``) is the same with 300 SGD steps a stage at 96², batch
+8 (+ 8 unlabelled), one validation at the end of each stage, supervised by default: a cheap look, not the
+measurement.
 
 Rows (resumable: the runs resume and finished rows are kept) go to ``results/suggest_acdc.json``, one per strategy,
 rule, seed and round; ``section(rows)`` formats the RESULTS.md section from them. Each (strategy, rule, seed) runs in
@@ -108,9 +110,11 @@ def section(rows: list[dict]) -> str:
         if not rs:
             continue
         r0 = rs[0]
+        steps = ", ".join(f"{k} {v} SGD steps" for k, v in sorted({r["strategy"]: r["steps"] for r in rs}.items()))
         what = ("the protocol (ACDC-CPU v2 schedules at 128²)" if protocol == "full" else
-                f"**the short protocol** ({r0['steps']} SGD steps at {r0['image_size'][0]}², batch {SHORT['batch']}, "
-                "one validation at the end): a cheap look, not the measurement")
+                f"**the short protocol** ({steps} in all (BCP: {SHORT['steps']} per stage), at "
+                f"{r0['image_size'][0]}², batch {SHORT['batch']} (BCP: + {SHORT['batch']} unlabelled), one validation "
+                "at the end of each stage): a cheap look, not the measurement")
         parts += [f"{what}; precision {r0['precision']}, one thread per run.", ""]
         ref = {(r["strategy"], r["seed"], r["round"]): r["mean_dice"] for r in rs if r["rule"] == "random"}
         body = []
@@ -125,12 +129,41 @@ def section(rows: list[dict]) -> str:
                          f"{statistics.mean(r['train_seconds'] for r in cell):.0f}"])
         parts += [md_table(["strategy", "rule", "labelled patients", "seeds", "test Dice", "− random (paired n)",
                             "train s"], body), ""]
+        parts += [_reading(rs), ""]
     return "\n".join(parts) + "\n"
+
+
+def _reading(rows: list[dict]) -> str:
+    """Per strategy and round after the first: which rules reach the random mean, and which clear its seed band
+    (mean + 1 s.d. over the seeds that rule ran)."""
+    out = []
+    for strategy in sorted({r["strategy"] for r in rows}):
+        for rnd in sorted({r["round"] for r in rows if r["strategy"] == strategy and r["round"] > 1}):
+            cell = lambda rule: {r["seed"]: r["mean_dice"] for r in rows
+                                 if (r["strategy"], r["rule"], r["round"]) == (strategy, rule, rnd)}
+            ref = cell("random")
+            verdicts = []
+            for rule in [r for r in RULES if r != "random"]:
+                mine = cell(rule)
+                seeds = sorted(set(mine) & set(ref))
+                if len(seeds) < 2:
+                    continue
+                base = [ref[k] for k in seeds]
+                band = statistics.mean(base) + statistics.stdev(base)
+                m = statistics.mean(mine[k] for k in seeds)
+                where = ("above the band" if m > band else "at or above the mean" if m >= statistics.mean(base)
+                         else "below the mean")
+                verdicts.append(f"{rule} {where} ({m:.3f})")
+            if verdicts:
+                n = next(r["labelled"] for r in rows if r["strategy"] == strategy and r["round"] == rnd)
+                out.append(f"{strategy}, {n} patients: random {mean_sd([ref[k] for k in sorted(ref)], '.3f')}; "
+                           + ", ".join(verdicts) + ".")
+    return "Against random's seed band (mean + 1 s.d., same seeds): " + " ".join(out) if out else ""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--short", action="store_true", help="supervised, 300 steps at 96², batch 8")
+    ap.add_argument("--short", action="store_true", help="300 steps a stage at 96², batch 8 (default: supervised)")
     ap.add_argument("--strategies", nargs="*", help="default: supervised bcp (short: supervised)")
     ap.add_argument("--rules", nargs="*", default=list(RULES))
     ap.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
