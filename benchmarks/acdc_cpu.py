@@ -22,6 +22,8 @@ RESULTS = RESULTS_DIR / "acdc_cpu.json"
 RESULTS_V1 = RESULTS_DIR / "acdc_cpu_v1.json"  #: rows of the superseded protocol v1 (kept, shown apart)
 #: the official BCP code's times and accuracy, measured by hand (the file names its commands)
 OFFICIAL = RESULTS_DIR / "official_bcp.json"
+#: rows made before a fix, shown beside the re-made ones (``acdc_cpu``: bf16 softmax in the losses)
+SUPERSEDED = RESULTS_DIR / "superseded_rows.json"
 
 #: The pinned protocol (v2, issue 9): the official BCP code's configuration scaled to this CPU: its U-Net
 #: (``basic_unet``: max-pool, two convs per level, encoder dropout), SGD 0.01 with momentum 0.9 at a constant rate,
@@ -96,7 +98,8 @@ def load_results() -> dict:
     official = load_json(OFFICIAL)
     names = [] if official is None else [f for r in official["rows"] for f in r.get("ours_speed_rows", [])]
     return {"v2": load_rows(RESULTS), "v1": load_rows(RESULTS_V1), "official": official,
-            "speed": {f: load_rows(RESULTS_DIR / f) for f in names}}
+            "speed": {f: load_rows(RESULTS_DIR / f) for f in names},
+            "superseded": load_json(SUPERSEDED, {}).get("acdc_cpu")}
 
 
 def _per_iter(row: dict, digits: int) -> tuple[str, str]:
@@ -160,7 +163,9 @@ def section(rows: dict) -> str:
             md += official_section(rows["official"], rows["speed"])
         ablation = sorted((r for r in v2 if r["strategy"].startswith("bcp_pretrain")),
                           key=lambda r: r["strategy"] != "bcp_pretrain")  # the v2 stage first
-        if ablation:
+        old = rows.get("superseded")
+        before = [{**r, "strategy": f"{r['strategy']}, {old['label']}"} for r in old["rows"]] if old else []
+        if ablation or before:
             cmd = " ".join(f"{r['strategy']}:{r['labeled']}:{row_seed(r)}:{r['steps']}" for r in ablation)
             md += ["### Ablation: BCP's copy-paste pre-training with one setting changed (the v1 → v2 gap, and "
                    "precision)", "",
@@ -169,7 +174,9 @@ def section(rows: dict) -> str:
                    "`_adamw` the v1 optimizer (AdamW 3e-3, poly), `_b8` the v1 batch (8 + 8), `_v1` all three; `_fp32` "
                    "keeps v2 but trains in fp32 where `precision: auto` chose bf16-mixed (this Xeon host has native "
                    "bf16). Same labels, seed and steps; test Dice of the stage's best val checkpoint. "
-                   f"`python benchmarks/acdc_cpu.py --rows {cmd}`", "", result_table(ablation, baselines=BASELINES), ""]
+                   f"`python benchmarks/acdc_cpu.py --rows {cmd}`"
+                   + (f". Rows marked *{old['label']}* were {old['why']} (`{old['command']}`)." if old else ""),
+                   "", result_table(before + ablation, baselines=BASELINES), ""]
     if v1:
         p = v1[0]["protocol"]
         all_steps = next(r["steps"] for r in v1 if r["strategy"] == "supervised" and r["labeled"] == "all")
