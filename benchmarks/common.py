@@ -100,6 +100,7 @@ def run_row(row: str, runs: Path, build: Callable[[str, str], dict], protocol: d
     m = run_recipe_process({**r, "seed": seed}, runs / tag)
     prov = row_provenance(m)
     return {"strategy": strategy, "labeled": labeled, "seed": seed, "schedule": "longer" if len(rest) > 1 else "protocol",
+            "run_folder": tag,
             **summarise(m), "steps": sum(s["steps"] for s in m["stages"]), "train_seconds": round(m["train_seconds"], 1),
             "peak_rss_mb": round(m["peak_rss_mb"], 1), "threads": 1,
             "precision": prov.get("precision") or resolved_precision(r.get("trainer", {})),
@@ -281,7 +282,8 @@ def result_table(rows: list[dict], ceiling: float | None = None, baselines: dict
     """Markdown table of ``run_row`` rows; class columns come from the rows' ``per_class_dice``. Every table has a
     precision column (``n/r`` for rows made before it was recorded), so no table mixes precisions silently, and a
     "last-ckpt Dice" column (the last stage's ``last.ckpt`` on test, beside the selected checkpoint's mean Dice)
-    where any row scored it. Gap closed is measured against the row's baseline (``baselines[strategy]``, default
+    where any row scored it, and the published ACDC test's Dice and HD95 (``ssl4mis_*``) where any row has them. Gap
+    closed is measured against the row's baseline (``baselines[strategy]``, default
     ``supervised``; ``None``: no gap) with the same labels, seed and steps, up to ``ceiling`` (default: the rows'
     supervised-all Dice). ``mm_per_voxel`` (isotropic data) adds HD95 in mm: the voxel value times the spacing."""
     baselines = baselines or {}
@@ -290,9 +292,11 @@ def result_table(rows: list[dict], ceiling: float | None = None, baselines: dict
         ceiling = next((r["mean_dice"] for r in rows if r["strategy"] == "supervised" and r["labeled"] == "all"), None)
     classes = list(dict.fromkeys(c for r in rows for c in r.get("per_class_dice", {})))
     last = any("last_mean_dice" in r for r in rows)
+    ssl4mis = any("ssl4mis_mean_dice" in r for r in rows)
     header = ["strategy", "labelled", "seed", "mean Dice", *classes, "HD95 (px)",
               *(["HD95 (mm)"] if mm_per_voxel else []), "gap closed", "steps", "train s",
-              "peak RSS MB"] + (["last-ckpt Dice"] if last else []) + ["precision"]
+              "peak RSS MB"] + (["last-ckpt Dice"] if last else []) \
+        + (["ssl4mis Dice", "ssl4mis HD95"] if ssl4mis else []) + ["precision"]
     out = []
     for r in rows:
         baseline = baselines.get(r["strategy"], "supervised")
@@ -304,6 +308,8 @@ def result_table(rows: list[dict], ceiling: float | None = None, baselines: dict
                     *([f"{r['hd95'] * mm_per_voxel:.2f}"] if mm_per_voxel else []), gap,
                     r["steps"], train_seconds(r), f"{r['peak_rss_mb']:.0f}"]
                    + ([f"{r['last_mean_dice']:.4f}" if "last_mean_dice" in r else NOT_RECORDED] if last else [])
+                   + ([f"{r['ssl4mis_mean_dice']:.4f}", f"{r['ssl4mis_hd95']:.2f}"] if "ssl4mis_mean_dice" in r
+                      else [NOT_RECORDED] * 2 if ssl4mis else [])
                    + [precision_cell(r)])
     return md_table(header, out)
 

@@ -85,6 +85,7 @@ def run_line(strategy: str, rule: str, seed: int, rounds: list[int], short: bool
                      "steps": sum(s["steps"] for s in raw["stages"]),
                      "image_size": raw["data"]["image_size"], "protocol": "short" if short else "full",
                      "precision": resolved_precision(raw["trainer"]), "threads": 1,
+                     "commit": (m.get("provenance") or {}).get("git_commit"),
                      "line_wall_seconds": round(time.time() - t0, 1)})
     return rows
 
