@@ -13,16 +13,31 @@ Per step, with two independently initialised networks f₁, f₂:
   4. L = [L_s(1) + λ(t)·CE(f₁(A_u), ŷ₂)] + [L_s(2) + λ(t)·CE(f₂(B_u), ŷ₁)],  L_s = ½(CE + Dice),
      λ(t) = λ_max·exp(−5(1 − t/T)²) (sigmoid ramp-up, reaching λ_max at T).
 The tree filters (area < 50 pruned, then sibling-less nodes removed; ``transforms.tree_filter``) are computed once
-per image by the data pipeline (``image_transform``) and delivered as channels [raw, max, min]; see ``TreeViews``
-for why caching is equivalent to per-crop filtering. The ramp is expressed as a fraction of the run (spec: full
-at 6k of 15k iterations = 0.4). Optional Bézier intensity remap (the paper-era pipeline): ``bezier_p``.
+per image by the data pipeline (``image_transform``) and delivered as channels [raw, max, min] (``TreeViews``).
+The ramp is expressed as a fraction of the run (spec: full at 6k of 15k iterations = 0.4), smooth where the official
+ramp is a staircase (``sigmoid_rampup(iter // 150, 40)``, main3D.py 195: constant over each 150 iterations; same
+start and end). Optional Bézier intensity remap (the paper-era pipeline): ``bezier_p``.
 
-Departures: gamma is applied to the cached filtered views, where the official code applies it before the uint8
-quantisation and the filter (the filter commutes with monotone maps, so they differ only by quantisation; the
-quantisation floors as the official ``astype(np.uint8)``, see ``transforms.tree_filter``). The rotation plane is the
-first square pair of spatial axes (the official 3D code rotates numpy axes (1, 2) of its crop, the last two); the
-official 2D path never rotates (its angle is drawn under ``random() > 1``, dead code): ``rotate_view_b: false``
-reproduces it, we keep the 3D code's rotation in 2D too.
+Departures:
+
+* **The filter runs on the whole image (volume), the official one on each training crop** (semi.py 149–153 crops,
+  225–252 filters): a connected filter does not commute with cropping (areas and siblings are those of the crop
+  there; on a 40² toy, 64 of a 20² crop's pixels differ), so in 3D our views are the volume's filtered structure
+  seen through the crop. Kept so that the trees are built once per case instead of once per crop and step (a
+  1M-voxel tree per view per step on the CPU). 2D slices are not cropped: there only the augmentation's
+  interpolated ±20° rotation, applied after the filter, separates the two orders.
+* Gamma is applied to the cached filtered views, where the official code applies it before the uint8 quantisation
+  and the filter (the filter commutes with monotone maps, so they differ only by quantisation; the quantisation
+  floors as the official ``astype(np.uint8)``, see ``transforms.tree_filter``), and its curve spans each crop's own
+  min–max where the official one spans the volume's (semi.py 212–220): equal when the crop holds both extremes.
+* The rotation plane is the first square pair of spatial axes, and f₂'s output is rotated back in the same plane.
+  The official LA branch rotates its crop in the (X, Y) plane (semi.py 232–233 transposes before
+  ``np.rot90(axes=(1, 2))``) as we do, but rotates f₂'s output back with torchvision in the last two axes, (Y, Z)
+  (main3D.py 183, 187): a bug we do not copy (its Pancreas branch, 96³ without the transpose, is consistent).
+  The official 2D path never rotates (its angle is drawn under ``random() > 1``, dead code):
+  ``rotate_view_b: false`` reproduces it, we keep the 3D code's rotation in 2D too.
+* The official code keeps each network's best checkpoint on its test list and reports both (main3D.py 242–262);
+  ours predicts with ``predict_with`` (net1 by default) and selects on val like every strategy.
 """
 from __future__ import annotations
 

@@ -230,9 +230,9 @@ class TreeViews:
 
     ``(C, *S)`` in, ``(3C, *S)`` out; each channel of the input is filtered on its own (RGB: per channel).
     Computed once per image and cached by the data pipeline: the filter commutes with the later
-    rot90/flip augmentation and with monotone intensity maps (gamma), so filtering the raw image once is
-    equivalent to filtering each augmented crop, up to the uint8 quantisation (the official code filters
-    every crop in the data-loader workers).
+    rot90/flip augmentation and with monotone intensity maps (gamma), up to the uint8 quantisation, but not with
+    cropping: a 3D crop of the cached views is the volume's filtered structure, where the official code filters
+    every crop in its data-loader workers (the departure is stated in ``strategies.dsaif``).
     """
 
     def __init__(self, area_threshold: int = 50):
