@@ -52,8 +52,9 @@ class Augment2D:
 
 
 class Augment3D:
-    """Random crop of ``patch_size`` (zero-padded when the volume is smaller) + rot90/flip in-plane (MONAI); no
-    quarter turn when the patch is not square in-plane.
+    """Random crop of ``patch_size`` (zero-padded when the volume is smaller) + rot90/flip in-plane (MONAI: a quarter
+    turn k ∈ {1, 2, 3} with p = ½, a flip of each in-plane axis with p = ½, so all 8 in-plane symmetries occur; the
+    UA-MT-family LA codes draw k ∈ {0…3} and always one flip); no quarter turn when the patch is not square in-plane.
 
     ``foreground_ratio`` = p (nnU-Net: 1/3): with probability p a sample's crop is centred on a foreground voxel
     (a foreground class drawn uniformly among those present, then one of its voxels; clipped so the patch stays

@@ -21,8 +21,22 @@ asks for twice the per-network batch (spec: 1 + 1 per network, ``batch_size: {la
 ``batches: shared`` gives both networks the whole batch.
 
 Schedules run on the paper's 6000 iterations: step t of a T-step stage is paper iteration ⌊t·6000/T⌋, so a shorter
-CPU run anneals dense → sparse the same way. Departure: W_k is computed per batch from cached distance maps (s^d)
-instead of rebuilding the dataset every 1000 iterations; the weights are the same at every iteration.
+CPU run anneals dense → sparse the same way.
+
+Departures (official code HengCai-NJU/DeSCO d3f0852 = C):
+
+* W_k is computed per batch from cached distance maps (s^d) instead of rebuilding the dataset every 1000
+  iterations; the weights are the same at every iteration.
+* Registration is SyNRA as C's ``registration.py`` asks, but C misspells the keyword (``type_of_transforme``, :60,
+  :87), which ANTsPy ignores, so C actually runs its default SyN (no rigid stage); C also registers 0–255 PNGs where we
+  register the z-scored slice. Both change only the propagated labels.
+* The annotated slices are the middle ones (``shape // 2``: z = 44 of LA's 88); C hard-codes z = 43
+  (la_heart.py 78, 225, 267).
+* The T noisy passes are one forward of the T·n_u copies; C makes T/2 forwards of 2 (train_desco.py 208–214), so
+  in train mode its BN batch statistics come from 2 copies, ours from 8, and its running statistics get more updates.
+* The cross term logs 0 when no voxel is confident (C's wce logs 1.0); the gradient is zero in both.
+* The two networks' labelled cases come from one permutation of the labelled set (two consecutive draws, so they
+  differ within a pass); C's two loaders permute independently.
 """
 from __future__ import annotations
 
@@ -70,7 +84,7 @@ class DeSCO(Strategy):
         mc_passes: int = 8  #: T (C :207-214)
         noise_std: float = 0.1
         noise_clip: float = 0.2
-        registration: str = "SyNRA"  #: ANTs type_of_transform (C registration.py)
+        registration: str = "SyNRA"  #: ANTs type_of_transform C asks for (registration.py; it runs SyN, see above)
         morphology: int = 5  #: opening/closing size after each warp (C registration.py)
         #: "split" (C train_desco.py:191,248: a batch per network): halves of the step's batch; "shared": all of it
         batches: Literal["split", "shared"] = "split"

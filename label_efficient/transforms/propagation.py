@@ -30,7 +30,8 @@ def _clean(label: np.ndarray, size: int, num_classes: int) -> np.ndarray:
 class SlicePropagator:
     """``propagate(image (*S), label (*S), axis, index)`` → dense label (*S) grown from slice ``index`` of ``axis``.
 
-    ``transform``: an ANTs ``type_of_transform`` (``SyNRA`` in the DeSCO code); ``morphology``: the opening/closing
+    ``transform``: an ANTs ``type_of_transform`` (``SyNRA``, the one the DeSCO code asks for; a misspelt keyword
+    there makes ANTs run its default SyN); ``morphology``: the opening/closing
     size (0: none); ``seed``: ANTs' random seed (one ITK thread; SyN still varies a little between repeats: Dice of the
     test's propagated label 0.83-0.96 over repeats in one process, so targets are cached once per run). A registration
     that fails (e.g. on a blank slice) copies the label unchanged and is counted in ``failed``."""
