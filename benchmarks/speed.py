@@ -735,21 +735,30 @@ def section(rows: dict) -> str:
         return ""
     spread = max(abs(x / statistics.median(v) - 1) for _, r in speed for v in r["repeats"].values() for x in v)
     table = md_table(["rows file", "commit", "strategy", "backbone", "batch", "precision", "threads", "raw it/s",
-                      "Lightning it/s", "Lightning s/it", "overhead", "plain-loop it/s", "peak RSS MB"],
+                      "Lightning it/s", "Lightning s/it", "overhead", "paired overhead (Lightning / plain loop)",
+                      "plain-loop it/s", "peak RSS MB"],
                      [[f"`{name}`", _commit_cell(r), r["strategy"], r.get("backbone", "unet"), _batch_cell(r),
                        r.get("precision", "bf16-mixed"), r["threads"], f"{r['raw_its']:.2f}", f"{r['lightning_its']:.2f}",
-                       f"{1 / r['lightning_its']:.2f}", f"{r['overhead_pct']:+.1f} %", f"{r['strategy_loop_its']:.2f}",
+                       f"{1 / r['lightning_its']:.2f}", f"{r['overhead_pct']:+.1f} %", _paired_cell(r), f"{r['strategy_loop_its']:.2f}",
                        f"{r['peak_rss_mb']:.0f}"] for name, r in speed])
     return "\n".join([
         "## Step time against a raw PyTorch loop", "",
         "`python benchmarks/speed.py [--backbone basic_unet --batch 12 --optimizer sgd --strategies bcp --out "
         "speed_bcp_official_config.json]`: the same pre-built ACDC batches (128²), run alone; median of interleaved "
         f"repeats (raw, Lightning, plain loop, raw, …; in these rows one repeat lies up to {100 * spread:.0f} % from "
-        "its median). The raw loop is hand-written PyTorch doing the same network passes (for BCP: only the teacher "
+        "its median); overhead = raw median / Lightning median − 1; paired overhead = the median over repeats of "
+        "each repeat's raw / Lightning − 1 and raw / plain loop − 1 (rows from 2026-12-04 on), which a slow phase of "
+        "the VM shifts less. The raw loop is hand-written PyTorch doing the same network passes (for BCP: only the teacher "
         "and student passes, so the overhead includes box masks, mixing and connected-component cleaning). Lightning = "
         "our `StrategyModule` in a `Trainer`; plain loop = the strategy object in a 10-line loop. A row without a "
         "commit was measured before rows recorded theirs, on older code.", "", table, "",
         *_passes([r for _, r in speed])])
+
+
+def _paired_cell(r: dict) -> str:
+    if "paired_overhead_pct" not in r:
+        return "—"
+    return f"{r['paired_overhead_pct']:+.1f} % / {r['paired_loop_overhead_pct']:+.1f} %"
 
 
 def _batch_cell(r: dict) -> str:
@@ -775,12 +784,16 @@ def measure(name: str, args) -> dict:
         its["loop"].append(strategy_loop(name, data, args.steps))
     # Medians: on this 2-core VM one 100-step measurement moves by up to ±20 %, and a best-of picks outliers.
     r, lt, sl = (statistics.median(its[k]) for k in ("raw", "lightning", "loop"))
+    # and the median of each repeat's own ratio: a repeat's three loops run back to back, so a slow phase of the
+    # VM (one 60-step block moves by ±15 % on these hosts) changes both sides of its ratio alike
+    paired = {k: statistics.median(100 * (a / b - 1) for a, b in zip(its["raw"], its[k])) for k in ("lightning", "loop")}
     from label_efficient.provenance import cpu_info, git_state
 
     cpu = cpu_info()
     flags = sorted(f for f, on in cpu["flags"].items() if on)
     return {"strategy": name, "raw_its": r, "lightning_its": lt, "strategy_loop_its": sl,
             "overhead_pct": 100 * (r / lt - 1), "loop_overhead_pct": 100 * (r / sl - 1),
+            "paired_overhead_pct": paired["lightning"], "paired_loop_overhead_pct": paired["loop"],
             "threads": args.threads, "steps": args.steps, "statistic": "median", "precision": PRECISION,
             "backbone": backbone_of(name), "batch": args.batch, "batch_desc": desc, "size": args.size,
             "optimizer": OPTIMIZER, "raw_passes": " ".join(RAW[name].__doc__.split()),
