@@ -63,13 +63,18 @@ HEADER = (
     "and UPL-SFDA beside the official code, the EPYC BF16 speed rows) ran on a 2-core AMD EPYC VM with AVX-512 BF16, "
     "one thread per run with up to three runs sharing the cores, except the speed rows (alone).\n\n"
     "**Rows made before the audit fixes of 2026-12-02** (each fix is a commit with a reference test; the rows have not "
-    "been re-made): every CUTS row (persistent levels and patch SSIM now as the official code), the `pretrained` rows "
+    "been re-made): the `pretrained` rows "
     "of the contrastive table (set-2 anchors, stage-2 batch statistics, bias-free g2), every `upl_sfda` and "
     "`bn_sfda+upl_sfda` row (largest component with face connectivity) and every `dsaif` row (separate labelled / "
     "unlabelled passes, γ per view inside the filter, rotation of filtered pairs, floor quantisation); and every "
     "SDC-UDA row (generator now the official `Generator_shallow`: full-resolution skip, depthwise-separable MLP, "
     "bias-free attention, no extra LayerNorms; fixed 2026-12-02 in a later session). Behaviour-"
-    "preserving refactors (shared EMA, replay pool, Dice) were checked bit-identical and leave the other rows valid.\n"
+    "preserving refactors (shared EMA, replay pool, Dice) were checked bit-identical and leave the other rows valid. "
+    "The CUTS rows were re-made after their fix (07b57b0: persistent levels and patch SSIM as the official code) on "
+    "2026-12-03. **Rows made before 8c7ba75 (2026-12-03) at bf16-mixed** ran the supervised, weighted-Dice, "
+    "mean-teacher and DeSCO entropy losses on bf16 softmax outputs (CPU autocast leaves softmax in bf16; CUDA's runs "
+    "it in fp32); since then they run in fp32. fp32 rows are unaffected; bf16 rows of those losses before that "
+    "commit are marked by their date.\n"
 )
 
 
