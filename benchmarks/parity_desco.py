@@ -9,6 +9,8 @@ results/parity_desco.json.
     python benchmarks/parity_desco.py ours --seed 1338 --iterations 400
     python benchmarks/parity_desco.py official --seed 1337 --iterations 5 --smoke   # pipeline check, no row
     python benchmarks/parity_desco.py ours --seed 1337 --iterations 5 --smoke       # pipeline check, no row
+    python benchmarks/parity_desco.py official --seed 1337 --iterations 40 --timing  # speed rows: each code alone,
+    python benchmarks/parity_desco.py ours --seed 1337 --iterations 40 --timing      # one after the other
     python benchmarks/parity_desco.py --table-only      # RESULTS.md from the rows (= python benchmarks/report.py)
 
 ``prepare`` copies the official ``code/`` (commit ``OFFICIAL_COMMIT``, by ``git archive``) into the gitignored
@@ -564,12 +566,12 @@ def parse_log(path: Path) -> dict:
             "logged_iterations": len(its), "last_logged_iteration": its[-1] if its else None, "last_losses": last}
 
 
-def run_official(seed: int, iterations: int, python: str, smoke: bool, timing_note: str | None) -> dict:
+def run_official(seed: int, iterations: int, python: str, prefix: str, timing_note: str | None) -> dict:
     """Train the edited official script (fresh snapshot folder), time it, and score its Net1."""
     from label_efficient import provenance
 
     p = prepared()
-    exp = f"{'smoke_' if smoke else ''}parity_desco_s{seed}_t{iterations}"
+    exp = f"{prefix}parity_desco_s{seed}_t{iterations}"
     snap = MODELS / exp
     if snap.exists():
         shutil.rmtree(snap)
@@ -604,14 +606,14 @@ def run_official(seed: int, iterations: int, python: str, smoke: bool, timing_no
 
 
 # ---------------------------------------------------------------------------------------------------- ours
-def run_ours(seed: int, iterations: int, smoke: bool, timing_note: str | None) -> dict:
+def run_ours(seed: int, iterations: int, prefix: str, timing_note: str | None) -> dict:
     """Run our recipe (one thread, resumable) on the shared targets and score its Net1 as the official's."""
     from label_efficient.checkpoints import load_for_evaluation
 
     p = prepared()
     recipe = our_recipe(seed, iterations)
-    out = OUR_RUNS / f"{'smoke_' if smoke else ''}ours_s{seed}_t{iterations}"
-    if smoke and out.exists():
+    out = OUR_RUNS / f"{prefix}ours_s{seed}_t{iterations}"
+    if prefix and out.exists():  # smoke and timing runs start afresh
         shutil.rmtree(out)
     dst = out / STAGE_FOLDER / "targets"
     dst.mkdir(parents=True, exist_ok=True)
@@ -641,7 +643,8 @@ def run_ours(seed: int, iterations: int, smoke: bool, timing_note: str | None) -
 
 
 def save(row: dict) -> list[dict]:
-    return merge_rows(RESULTS, [row], key=lambda r: (r["code"], r["seed"], r["iterations"], tuple(r["crop"])),
+    return merge_rows(RESULTS, [row], key=lambda r: (r.get("purpose", ""), r["code"], r["seed"], r["iterations"],
+                                                    tuple(r["crop"])),
                       sort=lambda r: (r["iterations"], tuple(r["crop"]), r["seed"], r["code"] != "official"))
 
 
@@ -671,6 +674,8 @@ def _summary(rs: list[dict], key: str, fmt: str) -> str:
 def section(rows: list[dict]) -> str:
     if not rows:
         return ""
+    timing = [r for r in rows if r.get("purpose") == "timing"]
+    rows = [r for r in rows if r.get("purpose") != "timing"]
     groups: dict[tuple, dict[str, dict[int, dict]]] = {}
     for r in rows:
         groups.setdefault((r["iterations"], tuple(r["crop"])), {}).setdefault(r["code"], {})[r["seed"]] = r
@@ -708,7 +713,21 @@ def section(rows: list[dict]) -> str:
         "the run; ours train seconds / steps (n/r: the run shared its core or was paused).", "",
         md_table(["iterations", "crop", "seed", "official Dice", "ours Dice", "official HD95", "ours HD95",
                   "official s/iter (median / mean)", "ours s/iter (mean)", "precision"], table), "",
-        *[f"- n/r, {r['code']} seed {r['seed']}: {r['timing_note']}" for r in rows if r.get("timing_note")], ""])
+        *[f"- n/r, {r['code']} seed {r['seed']}: {r['timing_note']}" for r in rows if r.get("timing_note")], "",
+        *_timing_table(timing)])
+
+
+def _timing_table(timing: list[dict]) -> list[str]:
+    """Speed rows (``--timing``): each code alone on the machine, one thread, one after the other."""
+    if not timing:
+        return []
+    cells = [[r["code"], r["seed"], r["iterations"], _spi({k: v for k, v in r.items() if k != "timing_note"}),
+              r.get("load_average", "—"), r["precision"], (r.get("provenance") or {}).get("cpu", {}).get("model", "—"),
+              r.get("timing_note", "")] for r in timing]
+    return ["Speed, each code alone in one sitting (`... official|ours --seed 1337 --iterations N --timing`; the "
+            "official from its per-iteration log stamps, ours train seconds / steps, which include its start-up):", "",
+            md_table(["code", "seed", "iterations", "s/iter (median / mean)", "load average at the end", "precision",
+                      "CPU", "note"], cells), ""]
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -720,6 +739,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--iterations", type=int, default=400)
     ap.add_argument("--smoke", action="store_true", help="a pipeline check: own run folder, no row saved")
+    ap.add_argument("--timing", action="store_true", help="a speed row (own run folder, run it alone): s/iter "
+                    "only, in the section's timing table")
     ap.add_argument("--timing-note", help="why the row's seconds are not a speed figure (e.g. shared cores)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
@@ -736,14 +757,15 @@ def main() -> None:
     if PAPER_ITERATIONS % args.iterations:
         print(f"note: {args.iterations} does not divide {PAPER_ITERATIONS}: the official τ ramp "
               "(sigmoid_rampup(i, N), left as is) then differs slightly from ours (sigmoid_rampup(paper(i), 6000))")
+    prefix = "smoke_" if args.smoke else "timing_" if args.timing else ""
     if args.command == "official":
-        row = run_official(args.seed, args.iterations, args.official_python, args.smoke, args.timing_note)
+        row = run_official(args.seed, args.iterations, args.official_python, prefix, args.timing_note)
     else:
-        row = run_ours(args.seed, args.iterations, args.smoke, args.timing_note)
+        row = run_ours(args.seed, args.iterations, prefix, args.timing_note)
     print(json.dumps({k: v for k, v in row.items() if k not in ("provenance", "edits", "recipe", "known_differences")}),
           flush=True)
     if not args.smoke:
-        save(row)
+        save({**row, "purpose": "timing"} if args.timing else row)
         rebuild_report()
 
 
