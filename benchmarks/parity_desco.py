@@ -615,6 +615,12 @@ def run_ours(seed: int, iterations: int, prefix: str, timing_note: str | None) -
     out = OUR_RUNS / f"{prefix}ours_s{seed}_t{iterations}"
     if prefix and out.exists():  # smoke and timing runs start afresh
         shutil.rmtree(out)
+    from label_efficient.outputs import RECIPE_FILE, prepare as prepare_run_folder
+    from label_efficient.recipe import parse_recipe
+
+    # the folder's recipe first, as the runner writes it, so the copied targets sit in a run folder (the runner
+    # refuses a folder holding files but no recipe) and the run below resumes it
+    prepare_run_folder(out, parse_recipe(recipe), resume=(out / RECIPE_FILE).exists())
     dst = out / STAGE_FOLDER / "targets"
     dst.mkdir(parents=True, exist_ok=True)
     for case, sha in p["targets"]["sha256"].items():
