@@ -385,3 +385,84 @@ def sdc_uda_recipe() -> dict:
     r["trainer"] = {"precision": "auto", "progress_bar": False, "log_every": 50}
     r["evaluation"] = {"metrics": ["dice", "hd95"], "overlays": 2}
     return r
+
+
+# ---------------------------------------------------------------------------------------------------- official code
+#: ``_cpu_standins.py``, written beside an official code by :func:`apply_edits`: tensorboardX's SummaryWriter that
+#: logs nothing, torchvision's ``transforms.Compose`` (torchvision does not install beside the CPU torch) and a
+#: ``make_grid`` that refuses (the parity edits switch the image logging off)
+CPU_STANDINS = '''"""CPU stand-ins (parity benchmark): tensorboardX's SummaryWriter logs nothing; torchvision's Compose."""
+
+
+class SummaryWriter:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def add_image(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+class transforms:
+    class Compose:
+        def __init__(self, steps):
+            self.steps = steps
+
+        def __call__(self, sample):
+            for step in self.steps:
+                sample = step(sample)
+            return sample
+
+
+def make_grid(*args, **kwargs):
+    raise NotImplementedError("torchvision.utils.make_grid is not available in the CPU parity run")
+'''
+
+
+def edit_list(rows: Iterable[tuple[str, str, str, str]]) -> list[dict]:
+    """Edits of an official code as dicts: (file, old, new, why) each."""
+    return [{"file": f, "old": old, "new": new, "why": why} for f, old, new, why in rows]
+
+
+def apply_edits(code: Path, todo: list[dict], original: dict[str, str] | None = None) -> list[dict]:
+    """Apply ``todo`` (from :func:`edit_list`) to the official code in ``code``, in order: each ``old`` must occur
+    exactly once in the file as it stands and, when ``original`` gives the shipped texts, once in the shipped file
+    too; then write :data:`CPU_STANDINS` as ``_cpu_standins.py``."""
+    for e in todo:
+        path = code / e["file"]
+        text = path.read_text()
+        n = text.count(e["old"])
+        n0 = original[e["file"]].count(e["old"]) if original else 1
+        if n != 1 or n0 != 1:
+            raise SystemExit(f"edit of {e['file']} matches {n} times (shipped file: {n0}), not once: {e['old']!r}")
+        path.write_text(text.replace(e["old"], e["new"]))
+    (code / "_cpu_standins.py").write_text(CPU_STANDINS)
+    return todo
+
+
+def print_edits(todo: list[dict]) -> None:
+    for i, e in enumerate(todo, 1):
+        print(f"{i:2d}. {e['file']}: {e['old']!r}\n    -> {e['new']!r}\n    ({e['why']})")
+
+
+def git_show(repo: Path, commit: str, path: str) -> str:
+    """The text of ``path`` at ``commit`` in the git directory ``repo`` (an official code's shipped file)."""
+    return subprocess.run(["git", "-C", str(repo), "show", f"{commit}:{path}"], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def git_archive(repo: Path, commit: str, folder: str, into: Path) -> None:
+    """Extract ``folder`` of ``repo`` at ``commit`` under ``into`` (``into/folder``, replaced if it exists)."""
+    import shutil
+
+    if (into / folder).exists():
+        shutil.rmtree(into / folder)
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, folder], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)

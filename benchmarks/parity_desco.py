@@ -93,8 +93,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import (RESULTS_DIR, ROOT, RUNS_DIR, load_json, load_rows, mean_sd, md_table, merge_rows,
-                    rebuild_report, row_provenance, run_recipe_process, write_json)
+from common import (RESULTS_DIR, ROOT, RUNS_DIR, apply_edits, edit_list, git_archive, git_show, load_json, load_rows,
+                    mean_sd, md_table, merge_rows, print_edits, rebuild_report, row_provenance, run_recipe_process,
+                    write_json)
 
 RESULTS = RESULTS_DIR / "parity_desco.json"
 OFFICIAL_COMMIT = "d3f08527e11464867eac5ecba2fa8f36b3b540f5"
@@ -127,37 +128,6 @@ KNOWN_DIFFERENCES = [
     "of one permutation",
     "independent loaders: the two codes draw different unlabelled cases, crops and flips",
 ]
-STANDINS = '''"""CPU stand-ins (parity benchmark): tensorboardX's SummaryWriter logs nothing; torchvision's Compose."""
-
-
-class SummaryWriter:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def add_image(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-class transforms:
-    class Compose:
-        def __init__(self, steps):
-            self.steps = steps
-
-        def __call__(self, sample):
-            for step in self.steps:
-                sample = step(sample)
-            return sample
-
-
-def make_grid(*args, **kwargs):
-    raise NotImplementedError("torchvision.utils.make_grid is not available in the CPU parity run")
-'''
 
 
 # ---------------------------------------------------------------------------------------------------- the edits
@@ -278,45 +248,15 @@ def edits() -> list[dict]:
          f":225 Net1's weights s^|z − {AXIAL}| from our axial slice"),
         (la, "weight[:,:,43]=1", f"weight[:,:,{AXIAL}]=1", f":267 Net2's weight 1 on our axial slice z = {AXIAL}"),
     ]
-    return [{"file": f, "old": old, "new": new, "why": why} for f, old, new, why in e]
-
-
-def apply_edits(code: Path, original: dict[str, str] | None = None) -> list[dict]:
-    """Apply :func:`edits` to ``code`` (each ``old`` must occur exactly once in the file as it stands, and, when
-    ``original`` gives the shipped texts, once in the shipped file too) and write the stand-ins."""
-    todo = edits()
-    for e in todo:
-        path = code / e["file"]
-        text = path.read_text()
-        n = text.count(e["old"])
-        n0 = original[e["file"]].count(e["old"]) if original else 1
-        if n != 1 or n0 != 1:
-            raise SystemExit(f"edit of {e['file']} matches {n} times (shipped file: {n0}), not once: {e['old']!r}")
-        path.write_text(text.replace(e["old"], e["new"]))
-    (code / "_cpu_standins.py").write_text(STANDINS)
-    return todo
-
-
-def print_edits(todo: list[dict]) -> None:
-    for i, e in enumerate(todo, 1):
-        print(f"{i:2d}. {e['file']}: {e['old']!r}\n    -> {e['new']!r}\n    ({e['why']})")
-
-
-def _git_show(repo: Path, path: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), "show", f"{OFFICIAL_COMMIT}:code/{path}"], check=True,
-                          capture_output=True, text=True).stdout
+    return edit_list(e)
 
 
 def copy_official(official: Path) -> list[dict]:
     """``git archive`` the official ``code/`` at ``OFFICIAL_COMMIT`` into :data:`CODE` and apply the edits."""
-    if CODE.exists():
-        shutil.rmtree(CODE)
-    OFFICIAL_DIR.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(official), "archive", OFFICIAL_COMMIT, "code"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(OFFICIAL_DIR)], input=archive, check=True)
-    original = {f: _git_show(official, f) for f in {e["file"] for e in edits()}}
-    return apply_edits(CODE, original)
+    git_archive(official, OFFICIAL_COMMIT, "code", OFFICIAL_DIR)
+    todo = edits()
+    original = {f: git_show(official, OFFICIAL_COMMIT, f"code/{f}") for f in {e["file"] for e in todo}}
+    return apply_edits(CODE, todo, original)
 
 
 def check_official_code(python: str) -> str:

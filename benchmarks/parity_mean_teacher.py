@@ -81,8 +81,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import (RESULTS_DIR, ROOT, RUNS_DIR, load_rows, mean_sd, md_table, merge_rows, rebuild_report,
-                    row_provenance, run_recipe_process, write_json)
+from common import (RESULTS_DIR, ROOT, RUNS_DIR, apply_edits, edit_list, git_archive, git_show, load_rows, mean_sd,
+                    md_table, merge_rows, print_edits, rebuild_report, row_provenance, run_recipe_process,
+                    write_json)
 
 RESULTS = RESULTS_DIR / "parity_mean_teacher.json"
 OFFICIAL_COMMIT = "06df6047a59aba9988ced8331998b5957ecb356b"
@@ -100,37 +101,6 @@ LABELED_SLICES = {3: 68, 7: 136}
 #: SSL4MIS's consistency ramp: 200 "epochs" of 150 iterations, whatever --max_iterations is
 RAMP_ITERATIONS = 200 * 150
 PRECISION = "32-true"  #: both train in fp32 on the CPU
-STANDINS = '''"""CPU stand-ins (parity benchmark): tensorboardX's SummaryWriter logs nothing; torchvision's Compose."""
-
-
-class SummaryWriter:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def add_image(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-class transforms:
-    class Compose:
-        def __init__(self, steps):
-            self.steps = steps
-
-        def __call__(self, sample):
-            for step in self.steps:
-                sample = step(sample)
-            return sample
-
-
-def make_grid(*args, **kwargs):
-    raise NotImplementedError("torchvision.utils.make_grid is not available in the CPU parity run")
-'''
 
 
 # ---------------------------------------------------------------------------------------------------- the edits
@@ -175,7 +145,7 @@ def edits(patch: int) -> list[dict]:
          "also save the last weights (no effect on training): the row scores them beside the best, as ours, and a "
          "smoke run shorter than one validation has no best"),
     ]
-    return [{"file": f, "old": old, "new": new, "why": why} for f, old, new, why in e]
+    return edit_list(e)
 
 
 #: ``--no-augment``: SSL4MIS's ``RandomGenerator`` without its random rotation / flip (the zoom to the patch stays)
@@ -201,31 +171,7 @@ def no_augment_code() -> Path:
     return CODE_NOAUG
 
 
-def apply_edits(code: Path, patch: int) -> list[dict]:
-    """Apply :func:`edits` to ``code`` (each ``old`` must occur exactly once) and write the stand-ins."""
-    todo = edits(patch)
-    for e in todo:
-        path = code / e["file"]
-        text = path.read_text()
-        n = text.count(e["old"])
-        if n != 1:
-            raise SystemExit(f"edit of {e['file']} matches {n} times, not once: {e['old']!r}")
-        path.write_text(text.replace(e["old"], e["new"]))
-    (code / "_cpu_standins.py").write_text(STANDINS)
-    return todo
-
-
-def print_edits(todo: list[dict]) -> None:
-    for i, e in enumerate(todo, 1):
-        print(f"{i:2d}. {e['file']}: {e['old']!r} -> {e['new']!r}\n    ({e['why']})")
-
-
 # ---------------------------------------------------------------------------------------------------- data
-def _git_show(repo: Path, path: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), "show", f"{OFFICIAL_COMMIT}:{path}"], check=True,
-                          capture_output=True, text=True).stdout
-
-
 def ssl4mis_name(r: dict) -> str:
     """SSL4MIS's name of a slice of split.csv (its ``z`` counts from 1)."""
     return f"{r['patient']}_{r['frame']}_slice_{int(r['z']) + 1}"
@@ -256,7 +202,7 @@ def write_data(official: Path, src: Path, out: Path) -> None:
 
     with open(src / "split.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    lists = {k: _git_show(official, f"data/ACDC/{k}.list").split() for k in ("train_slices", "val", "test")}
+    lists = {k: git_show(official, OFFICIAL_COMMIT, f"data/ACDC/{k}.list").split() for k in ("train_slices", "val", "test")}
     check_lists(lists, rows)
     (out / "data" / "slices").mkdir(parents=True, exist_ok=True)
     read = lambda kind, r: np.asarray(Image.open(src / kind / f"{r['stem']}.png"))  # noqa: E731
@@ -297,13 +243,8 @@ def prepare(official: Path, patch: int, python: str) -> None:
                           text=True).stdout.strip()
     if head != OFFICIAL_COMMIT:
         print(f"note: {official} is at {head}; the code and lists are taken at {OFFICIAL_COMMIT}")
-    if CODE.exists():
-        shutil.rmtree(CODE)
-    OFFICIAL_DIR.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(official), "archive", OFFICIAL_COMMIT, "code"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(OFFICIAL_DIR)], input=archive, check=True)
-    todo = apply_edits(CODE, patch)
+    git_archive(official, OFFICIAL_COMMIT, "code", OFFICIAL_DIR)
+    todo = apply_edits(CODE, edits(patch))
     print_edits(todo)
     check_imports(python)
     write_data(official, SHARED / "acdc", DATA)
