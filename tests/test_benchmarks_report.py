@@ -101,3 +101,26 @@ def test_every_script_with_a_section_is_assembled():
     assert with_section, "no script defines section() and load_results()"
     assert "report" not in with_section and "common" not in with_section
     assert with_section <= imported, f"not assembled by report.py: {sorted(with_section - imported)}"
+
+
+def test_official_code_edits_apply_once_or_refuse(tmp_path, monkeypatch):
+    """common.apply_edits (the parity scripts' edits of an official code): each edit must match exactly once in the
+    file as it stands and in the shipped text; the CPU stand-ins module is written beside the code."""
+    import pytest
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    (tmp_path / "train.py").write_text("x = 1\nimport torch\nx = 1\n")
+    once = common.edit_list([("train.py", "import torch\n", "import torch\ntorch.set_num_threads(1)\n", "one thread")])
+    common.apply_edits(tmp_path, once, {"train.py": "x = 1\nimport torch\nx = 1\n"})
+    assert (tmp_path / "train.py").read_text() == "x = 1\nimport torch\ntorch.set_num_threads(1)\nx = 1\n"
+    standins = tmp_path / "_cpu_standins.py"
+    namespace: dict = {}
+    exec(standins.read_text(), namespace)
+    assert namespace["transforms"].Compose([lambda s: s + 1, lambda s: 2 * s])(1) == 4
+    with pytest.raises(SystemExit, match="matches 2 times"):
+        common.apply_edits(tmp_path, common.edit_list([("train.py", "x = 1\n", "x = 2\n", "")]))
+    with pytest.raises(SystemExit, match="shipped file: 0"):
+        common.apply_edits(tmp_path, common.edit_list([("train.py", "set_num_threads", "set_num_threads", "")]),
+                           {"train.py": "x = 1\n"})
