@@ -7,6 +7,7 @@
     python benchmarks/parity_upl_sfda.py ours --seed 1337
     python benchmarks/parity_upl_sfda.py official --seed 1338
     python benchmarks/parity_upl_sfda.py ours --seed 1338
+    python benchmarks/parity_upl_sfda.py ours --seed 1337 --bn-mode frozen   # a variant row of ours (also 1338)
     python benchmarks/parity_upl_sfda.py official --seed 1337 --steps 5 --smoke   # pipeline check, no row
     python benchmarks/parity_upl_sfda.py ours --seed 1337 --steps 5 --smoke       # pipeline check, no row
     python benchmarks/parity_upl_sfda.py --table-only      # RESULTS.md from the rows (= python benchmarks/report.py)
@@ -46,7 +47,9 @@ edits), checks from its output that it ran N steps, times them from the per-step
 (median)`` = median interval, ``s/iter (mean)`` = first to last / (N − 1)) and scores its last weights. ``ours`` runs
 our ``upl_sfda`` stage (``sfda_shift.py``'s ``adapt`` with its ``config: {}``, i.e. our defaults, at
 ``precision: 32-true``) through ``run_recipe_process`` from the same source ``model.pt``; ``s/iter (mean)`` = train
-seconds / steps. The scorer (:func:`score`) is ``sfda_shift.py``'s ``evaluate_on_target``: our
+seconds / steps. ``ours --bn-mode frozen`` adds the row ``ours, bn_mode frozen`` (our ``bn_mode: frozen``: the source BN
+statistics for all 300 steps; the official adapts them in its first epoch and freezes them afterwards, which neither
+of our modes reproduces). The scorer (:func:`score`) is ``sfda_shift.py``'s ``evaluate_on_target``: our
 :func:`label_efficient.evaluation.evaluate` on the 20 target test volumes, Dice and HD95 (pixels of the label's own
 grid) mean over RV / MYO / LV. The official weights are scored as the official ``test_with_name`` predicts: the mean
 softmax of decoder k on the input turned by k·90° (k = 1, 2, 3; decoder 4 unturned), turned back, in eval mode
@@ -88,6 +91,7 @@ package inside functions, so ``section(rows)`` runs without them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -98,8 +102,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import (RESULTS_DIR, ROOT, RUNS_DIR, load_json, load_rows, mean_sd, md_table, merge_rows,
-                    rebuild_report, row_provenance, run_recipe_process, write_json)
+from common import (RESULTS_DIR, ROOT, RUNS_DIR, apply_edits, edit_list, git_archive, git_show, load_json, load_rows,
+                    mean_sd, md_table, merge_rows, print_edits, rebuild_report, row_provenance, run_recipe_process,
+                    write_json)
 
 RESULTS = RESULTS_DIR / "parity_upl_sfda.json"
 OFFICIAL_COMMIT = "1f62b92052b4c18cf4add0fea39f23f845ff257e"
@@ -259,45 +264,20 @@ def edits() -> list[dict]:
          "source model was trained on"),
         (cfg, "data_root_mms = your/mms/dataroot", f"data_root_mms = {DATA}", ":14 our exported target volumes"),
     ]
-    return [{"file": f, "old": old, "new": new, "why": why} for f, old, new, why in e]
-
-
-def apply_edits(code: Path, original: dict[str, str] | None = None) -> list[dict]:
-    """Apply :func:`edits` to ``code`` (each ``old`` must occur exactly once in the file as it stands, and, when
-    ``original`` gives the shipped texts, once in the shipped file too) and write ``_parity_net.py``."""
-    todo = edits()
-    for e in todo:
-        path = code / e["file"]
-        text = path.read_text()
-        n = text.count(e["old"])
-        n0 = original[e["file"]].count(e["old"]) if original else 1
-        if n != 1 or n0 != 1:
-            raise SystemExit(f"edit of {e['file']} matches {n} times (shipped file: {n0}), not once: {e['old']!r}")
-        path.write_text(text.replace(e["old"], e["new"]))
-    (code / "_parity_net.py").write_text(PARITY_NET)
-    return todo
-
-
-def print_edits(todo: list[dict]) -> None:
-    for i, e in enumerate(todo, 1):
-        print(f"{i:2d}. {e['file']}: {e['old']!r}\n    -> {e['new']!r}\n    ({e['why']})")
-
-
-def _git_show(repo: Path, path: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), "show", f"{OFFICIAL_COMMIT}:{path}"], check=True,
-                          capture_output=True, text=True).stdout
+    return edit_list(e)
 
 
 def copy_official(official: Path) -> list[dict]:
-    """``git archive`` the official files at ``OFFICIAL_COMMIT`` into :data:`CODE` and apply the edits."""
+    """``git archive`` the official files at ``OFFICIAL_COMMIT`` into :data:`CODE`, apply the edits (common's
+    ``apply_edits``, which also writes its ``_cpu_standins.py``, unused here) and write ``_parity_net.py``."""
     if CODE.exists():
         shutil.rmtree(CODE)
-    CODE.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(official), "archive", OFFICIAL_COMMIT, *FILES], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(CODE)], input=archive, check=True)
-    original = {f: _git_show(official, f) for f in {e["file"] for e in edits()}}
-    return apply_edits(CODE, original)
+    for f in FILES:
+        git_archive(official, OFFICIAL_COMMIT, f, CODE)
+    todo = edits()
+    apply_edits(CODE, todo, {f: git_show(official, OFFICIAL_COMMIT, f) for f in {e["file"] for e in todo}})
+    (CODE / "_parity_net.py").write_text(PARITY_NET)
+    return todo
 
 
 def _env(**extra) -> dict:
@@ -519,8 +499,9 @@ def official_network(weights: Path):
 
     from label_efficient.backbones.rotated_heads import ensemble_logits
 
-    sys.path.insert(0, str(CODE))
-    import _parity_net
+    spec = importlib.util.spec_from_file_location("_parity_net", CODE / "_parity_net.py")  # the file the run used
+    _parity_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(_parity_net)
 
     sd = torch.load(weights, map_location="cpu", weights_only=True)
     enc = _parity_net.ParityEncoder(1, NUM_CLASSES)
@@ -686,7 +667,7 @@ def section(rows: list[dict]) -> str:
     groups: dict[int, dict[str, dict[int, dict]]] = {}
     for r in rows:
         groups.setdefault(r["steps"], {}).setdefault(r["code"], {})[r["seed"]] = r
-    table, blank = [], [""] * (3 * len(codes) + 1)
+    table, blank = [], [""] * (3 * len(codes) + 2)  # source, Dice, HD95 and s/iter per code, precision
     for steps, by in sorted(groups.items()):
         seeds = sorted({s for c in codes for s in by.get(c, {})})
         for seed in seeds:
@@ -708,7 +689,7 @@ def section(rows: list[dict]) -> str:
             d = statistics.mean(r["mean_dice"] for r in mine.values()) - statistics.mean(r["mean_dice"] for r in off.values())
             h = statistics.mean(r["hd95"] for r in mine.values()) - statistics.mean(r["hd95"] for r in off.values())
             cells = list(blank)
-            cells[i], cells[len(codes) + i] = f"{d:+.4f}", f"{h:+.2f}"
+            cells[1 + i], cells[1 + len(codes) + i] = f"{d:+.4f}", f"{h:+.2f}"
             table.append([steps, f"{c} − official (difference of the means)", *cells])
     commit = rows[0]["official_commit"][:7]
     notes = sorted({r["timing_note"] for r in rows if r.get("timing_note")})
@@ -728,7 +709,8 @@ def section(rows: list[dict]) -> str:
         "RV / MYO / LV. s/iter: official median interval between its per-step stamps / mean over the run; ours train "
         "seconds / steps."
         + (f" Variants of ours: {', '.join(f'`{v}`' for v in variants)} (`ours --bn-mode frozen`: BN keeps the source "
-           "running statistics, as the official does from its second epoch on)." if variants else ""), "",
+           "running statistics for all 300 steps, where the official runs its first epoch (70 steps) in train mode "
+           "and keeps the statistics adapted there afterwards)." if variants else ""), "",
         md_table(["steps", "seed", "source-only Dice", *[f"{c} Dice" for c in codes], *[f"{c} HD95" for c in codes],
                   *[f"{c} s/iter" + (" (median / mean)" if c == "official" else " (mean)") for c in codes],
                   "precision"], table), "",

@@ -30,6 +30,7 @@ import ood_polyp
 import parity_cuts
 import parity_desco
 import parity_mean_teacher
+import parity_upl_sfda
 import sdc_uda
 import sfda_polyp
 import sfda_shift
@@ -39,7 +40,7 @@ import sweep_quick
 from common import HERE
 
 #: the sections of RESULTS.md, in order
-SECTIONS = [acdc_cpu, parity_mean_teacher, acdc_contrastive, cuts, parity_cuts, sfda_polyp, ood_polyp, sfda_shift, la_cpu, la_geometry, memory_cache, la_desco,
+SECTIONS = [acdc_cpu, parity_mean_teacher, acdc_contrastive, cuts, parity_cuts, sfda_polyp, ood_polyp, sfda_shift, parity_upl_sfda, la_cpu, la_geometry, memory_cache, la_desco,
             parity_desco,
             nnunet_baseline, kvasir_native, cyclegan_pl, augpaint, sdc_uda, sweep_quick, suggest_acdc, speed]
 RESULTS_MD = HERE / "RESULTS.md"

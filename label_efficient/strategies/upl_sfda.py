@@ -13,8 +13,10 @@ Inference averages the K rotated heads (``RotatedHeads``, also what ``model.pt``
 optimizer parameter group with Adam betas (0.5, 0.999), the rest of the network the optimizer's defaults (official
 code). Departures from the official code
 (spec pitfalls): BN runs in train mode during adaptation by default (``bn_mode="frozen"`` keeps the incoming
-running statistics, which is what the official code effectively does from its second epoch on) and in eval mode at
-test; only the final 1×1 head is cloned (the official code clones the whole decoder, which a generic backbone does
+running statistics) and in eval mode at test. Neither mode is the official one: its first epoch trains in train mode
+(the BN statistics adapt to the target), and its validation's ``eval()`` leaves every later epoch in eval mode (the
+statistics frozen at their epoch-1 values); on the simulated ACDC shift (``benchmarks/parity_upl_sfda.py``) train
+mode lands near the official, frozen well below it; only the final 1×1 head is cloned (the official code clones the whole decoder, which a generic backbone does
 not expose), so the heads differ by their rotation alone where the official decoders also differ by their own
 dropout (p = 0.5 in each decoder's deepest block), unless the backbone itself has dropout; no checkpoint is
 chosen on target labels (fixed step count).
