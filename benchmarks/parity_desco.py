@@ -48,7 +48,8 @@ with the SAME targets copied into its ``stage0_desco/targets/`` first (their sha
 scored by its own ``metrics.json`` (``runner_mean_dice``) and by the same scorer as the official (``mean_dice``); ours
 has no per-step time, so only ``s/iter (mean)`` = train seconds / steps. The scorer (:func:`score`) is our runner's
 test: :func:`label_efficient.evaluation.evaluate` on the 8 test volumes, MONAI Gaussian sliding window at 80×80×48
-with overlap 0.5, Dice and HD95 (voxels: the LA volumes carry no spacing), the recipe's empty-class rule (NaN).
+with overlap 0.5, Dice and HD95 (in mm: the LA volumes carry their 0.625 mm spacing), the recipe's empty-class
+rule (NaN).
 
 Known differences left between the two configurations:
 
@@ -645,6 +646,7 @@ def section(rows: list[dict]) -> str:
             table.append([iters, c, "ours − official (difference of the means)", "", f"{d:+.4f}", "", f"{h:+.2f}",
                           "", "", ""])
     commit = rows[0]["official_commit"][:7]
+    units = " / ".join(sorted({r.get("hd95_unit", "voxels") for r in rows}))
     return "\n".join([
         "## Beside the official code: DeSCO (HengCai-NJU/DeSCO)", "",
         "`python benchmarks/parity_desco.py prepare --official <git dir>`, then `official|ours --seed S --iterations "
@@ -655,7 +657,7 @@ def section(rows: list[dict]) -> str:
         "`recipes/la_desco.yaml` at fp32, each given the same z-scored images and the same propagated labels (ours, "
         "made once: ANTs SyNRA); per network 1 labelled + 1 unlabelled crop per iteration; one thread. Net1's last "
         "weights of both are scored by our runner's test (Gaussian sliding window at the crop, overlap 0.5) on the 8 "
-        "test volumes; HD95 in voxels. s/iter: official median interval between its logged iterations / mean over "
+        f"test volumes; HD95 in {units}. s/iter: official median interval between its logged iterations / mean over "
         "the run; ours train seconds / steps (n/r: the run shared its core or was paused).", "",
         md_table(["iterations", "crop", "seed", "official Dice", "ours Dice", "official HD95", "ours HD95",
                   "official s/iter (median / mean)", "ours s/iter (mean)", "precision"], table), "",
