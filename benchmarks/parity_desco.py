@@ -665,12 +665,17 @@ def section(rows: list[dict]) -> str:
         *_timing_table(timing)])
 
 
+def _cpu_model(prov: dict) -> str:
+    """The CPU of a row: ``provenance.collect``'s nested form (official rows) or ``row_provenance``'s flat one (ours)."""
+    return (prov.get("cpu") or {}).get("model") or prov.get("cpu_model") or "—"
+
+
 def _timing_table(timing: list[dict]) -> list[str]:
     """Speed rows (``--timing``): each code alone on the machine, one thread, one after the other."""
     if not timing:
         return []
     cells = [[r["code"], r["seed"], r["iterations"], _spi({k: v for k, v in r.items() if k != "timing_note"}),
-              r.get("load_average", "—"), r["precision"], (r.get("provenance") or {}).get("cpu", {}).get("model", "—"),
+              r.get("load_average", "—"), r["precision"], _cpu_model(r.get("provenance") or {}),
               r.get("timing_note", "")] for r in timing]
     return ["Speed, each code alone in one sitting (`... official|ours --seed 1337 --iterations N --timing`; the "
             "official from its per-iteration log stamps, ours train seconds / steps, which include its start-up):", "",
