@@ -186,6 +186,17 @@ def mean_sd(xs: list[float], fmt: str = ".4f") -> str:
     return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt.lstrip('+')}}"
 
 
+def value_cell(x: float | None, fmt: str) -> str:
+    """A table cell of one stored number, "—" when the row has none."""
+    return "—" if x is None else f"{x:{fmt}}"
+
+
+def summary_cell(rows: list[dict], key: str, fmt: str) -> str:
+    """``mean ± s.d.`` of ``key`` over the rows that have it; the single value for one row, "—" for none."""
+    xs = [r[key] for r in rows if r.get(key) is not None]
+    return mean_sd(xs, fmt) or (f"{xs[0]:{fmt}}" if xs else "—")
+
+
 def paired_differences(rows: list[dict], baseline: dict, key: Callable[[dict], object], value: str = "mean_dice") -> list[float]:
     """``row[value] − baseline[key(row)]`` for each row whose pair exists in ``baseline`` (same seed, labels, ...)."""
     return [r[value] - baseline[key(r)] for r in rows if key(r) in baseline]

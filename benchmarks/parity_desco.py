@@ -95,8 +95,8 @@ import time
 from pathlib import Path
 
 from common import (RESULTS_DIR, ROOT, RUNS_DIR, apply_edits, edit_list, git_archive, git_show, load_json, load_rows,
-                    mean_sd, md_table, merge_rows, print_edits, rebuild_report, row_provenance, run_recipe_process,
-                    write_json)
+                    md_table, merge_rows, print_edits, rebuild_report, row_provenance, run_recipe_process,
+                    summary_cell, value_cell, write_json)
 
 RESULTS = RESULTS_DIR / "parity_desco.json"
 OFFICIAL_COMMIT = "d3f08527e11464867eac5ecba2fa8f36b3b540f5"
@@ -600,22 +600,13 @@ def load_results() -> list[dict]:
     return load_rows(RESULTS)
 
 
-def _num(x, fmt: str) -> str:
-    return "—" if x is None else f"{x:{fmt}}"
-
-
 def _spi(r: dict | None) -> str:
     if r is None:
         return "—"
     if r.get("timing_note"):
         return "n/r"
     med = r.get("s_per_iter")
-    return (f"{med:.2f} / " if med is not None else "") + _num(r.get("s_per_iter_mean"), ".2f")
-
-
-def _summary(rs: list[dict], key: str, fmt: str) -> str:
-    xs = [r[key] for r in rs if r.get(key) is not None]
-    return mean_sd(xs, fmt) or (f"{xs[0]:{fmt}}" if xs else "—")
+    return (f"{med:.2f} / " if med is not None else "") + value_cell(r.get("s_per_iter_mean"), ".2f")
 
 
 def section(rows: list[dict]) -> str:
@@ -632,13 +623,13 @@ def section(rows: list[dict]) -> str:
         c = "×".join(map(str, crop))
         for seed in sorted(set(off) | set(ours)):
             o, u = off.get(seed), ours.get(seed)
-            table.append([iters, c, seed, _num(o and o["mean_dice"], ".4f"), _num(u and u["mean_dice"], ".4f"),
-                          _num(o and o["hd95"], ".2f"), _num(u and u["hd95"], ".2f"), _spi(o), _spi(u),
+            table.append([iters, c, seed, value_cell(o and o["mean_dice"], ".4f"), value_cell(u and u["mean_dice"], ".4f"),
+                          value_cell(o and o["hd95"], ".2f"), value_cell(u and u["hd95"], ".2f"), _spi(o), _spi(u),
                           ", ".join(dict.fromkeys(r["precision"] for r in (o, u) if r))])
         if len(off) > 1 or len(ours) > 1:
             os_, us = list(off.values()), list(ours.values())
-            table.append([iters, c, f"mean ± s.d. ({len(os_)} / {len(us)} seeds)", _summary(os_, "mean_dice", ".4f"),
-                          _summary(us, "mean_dice", ".4f"), _summary(os_, "hd95", ".2f"), _summary(us, "hd95", ".2f"),
+            table.append([iters, c, f"mean ± s.d. ({len(os_)} / {len(us)} seeds)", summary_cell(os_, "mean_dice", ".4f"),
+                          summary_cell(us, "mean_dice", ".4f"), summary_cell(os_, "hd95", ".2f"), summary_cell(us, "hd95", ".2f"),
                           "", "", ""])
         if off and ours:
             d = statistics.mean(r["mean_dice"] for r in ours.values()) - statistics.mean(r["mean_dice"] for r in off.values())

@@ -103,8 +103,8 @@ import time
 from pathlib import Path
 
 from common import (RESULTS_DIR, ROOT, RUNS_DIR, apply_edits, edit_list, git_archive, git_show, load_json, load_rows,
-                    mean_sd, md_table, merge_rows, print_edits, rebuild_report, row_provenance, run_recipe_process,
-                    write_json)
+                    md_table, merge_rows, print_edits, rebuild_report, row_provenance, run_recipe_process,
+                    summary_cell, value_cell, write_json)
 
 RESULTS = RESULTS_DIR / "parity_upl_sfda.json"
 OFFICIAL_COMMIT = "1f62b92052b4c18cf4add0fea39f23f845ff257e"
@@ -637,21 +637,12 @@ def load_results() -> list[dict]:
     return load_rows(RESULTS)
 
 
-def _num(x, fmt: str) -> str:
-    return "—" if x is None else f"{x:{fmt}}"
-
-
 def _spi(r: dict | None) -> str:
     if r is None:
         return "—"
     med = r.get("s_per_iter")
-    cell = (f"{med:.2f} / " if med is not None else "") + _num(r.get("s_per_iter_mean"), ".2f")
+    cell = (f"{med:.2f} / " if med is not None else "") + value_cell(r.get("s_per_iter_mean"), ".2f")
     return cell + ("†" if r.get("timing_note") else "")
-
-
-def _summary(rs: list[dict], key: str, fmt: str) -> str:
-    xs = [r[key] for r in rs if r.get(key) is not None]
-    return mean_sd(xs, fmt) or (f"{xs[0]:{fmt}}" if xs else "—")
 
 
 def _codes(rows: list[dict]) -> list[str]:
@@ -673,13 +664,13 @@ def section(rows: list[dict]) -> str:
         for seed in seeds:
             rs = [by.get(c, {}).get(seed) for c in codes]
             src = next((r["source_mean_dice"] for r in rs if r and r.get("source_mean_dice") is not None), None)
-            table.append([steps, seed, _num(src, ".4f"), *[_num(r and r["mean_dice"], ".4f") for r in rs],
-                          *[_num(r and r["hd95"], ".2f") for r in rs], *[_spi(r) for r in rs],
+            table.append([steps, seed, value_cell(src, ".4f"), *[value_cell(r and r["mean_dice"], ".4f") for r in rs],
+                          *[value_cell(r and r["hd95"], ".2f") for r in rs], *[_spi(r) for r in rs],
                           ", ".join(dict.fromkeys(r["precision"] for r in rs if r))])
         per = [list(by.get(c, {}).values()) for c in codes]
         if any(len(p) > 1 for p in per):
             table.append([steps, f"mean ± s.d. ({' / '.join(str(len(p)) for p in per)} seeds)", "",
-                          *[_summary(p, "mean_dice", ".4f") for p in per], *[_summary(p, "hd95", ".2f") for p in per],
+                          *[summary_cell(p, "mean_dice", ".4f") for p in per], *[summary_cell(p, "hd95", ".2f") for p in per],
                           *[""] * (len(codes) + 1)])
         off = by.get("official", {})
         for i, c in enumerate(codes):
