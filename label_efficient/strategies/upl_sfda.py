@@ -17,9 +17,9 @@ running statistics) and in eval mode at test. Neither mode is the official one: 
 (the BN statistics adapt to the target), and its validation's ``eval()`` leaves every later epoch in eval mode (the
 statistics frozen at their epoch-1 values); on the simulated ACDC shift (``benchmarks/parity_upl_sfda.py``) train
 mode lands near the official, frozen well below it; only the final 1×1 head is cloned (the official code clones the
-whole decoder, which a generic backbone does not expose), so the heads differ by their rotation alone where the official decoders also differ by their own
-dropout (p = 0.5 in each decoder's deepest block), unless the backbone itself has dropout; no checkpoint is
-chosen on target labels (fixed step count).
+whole decoder, which a generic backbone does not expose), so the heads differ by their rotation alone where the
+official decoders also differ by their own dropout (p = 0.5 in each decoder's deepest block), unless the backbone
+itself has dropout; no checkpoint is chosen on target labels (fixed step count).
 Largest component, 2D: the official 2D batch is *one volume's window* of 10 consecutive slices (``crop_depth``,
 batch size 1, zero slices padding shorter volumes), and ``save_nii`` keeps per class the largest 3D component of
 that (10, H, W) stack, face-connected across slices too: a slice whose class region does not touch the window's
